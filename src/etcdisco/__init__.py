@@ -1,0 +1,75 @@
+"""etcdisco: service registration and discovery for Python services on etcd.
+
+Register an instance under a lease that is kept alive and healed; discover instances
+through a local cache that follows etcd; pick one with a balancing policy. Keys and
+values use etcd's own naming format, so Go services using etcd's resolver and Python
+services see each other.
+"""
+
+from ._async_client import AsyncClient
+from ._errors import (
+    AuthError,
+    ClosedError,
+    CompactedError,
+    ConfigError,
+    EtcdError,
+    EtcdiscoError,
+    EtcdTimeoutError,
+    InvalidAddressError,
+    LeaseNotFoundError,
+    MalformedValueError,
+    RegistrationError,
+    UnavailableError,
+)
+from ._model import (
+    DEFAULT_PREFIX,
+    ChangeEvent,
+    EventType,
+    Instance,
+    Status,
+    decode_value,
+    encode_value,
+    parse_address,
+)
+from .balancing import Picker, Random, RoundRobin, make_picker
+from .discovery import CacheState, ServiceCache
+from .registry import Registration, RegistrationState
+from .sync import Client, SyncRegistration, SyncServiceCache
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "AsyncClient",
+    "AuthError",
+    "CacheState",
+    "ChangeEvent",
+    "Client",
+    "ClosedError",
+    "CompactedError",
+    "ConfigError",
+    "EtcdError",
+    "EtcdTimeoutError",
+    "EtcdiscoError",
+    "EventType",
+    "Instance",
+    "InvalidAddressError",
+    "LeaseNotFoundError",
+    "MalformedValueError",
+    "Picker",
+    "Random",
+    "Registration",
+    "RegistrationError",
+    "RegistrationState",
+    "RoundRobin",
+    "ServiceCache",
+    "Status",
+    "SyncRegistration",
+    "SyncServiceCache",
+    "UnavailableError",
+    "__version__",
+    "decode_value",
+    "encode_value",
+    "make_picker",
+    "parse_address",
+]

@@ -1,0 +1,181 @@
+"""AsyncClient: the async core that owns the etcd client, leases and watchers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+from ._errors import ClosedError
+from ._model import DEFAULT_PREFIX, service_prefix, validate_prefix, validate_service_name
+from .discovery import PrefixWatcher, ServiceCache
+from .etcd import EtcdClient, EtcdConfig, TlsConfig, parse_endpoints
+from .registry import LeaseKeeper, Registration, make_registration, validate_ttl
+
+log = logging.getLogger("etcdisco")
+
+T = TypeVar("T", Registration, ServiceCache)
+
+
+class _Opening(Generic[T]):
+    """Lets ``await client.register(...)`` and ``async with client.register(...)``
+    both work: the first keeps the object, the second closes it on exit."""
+
+    def __init__(self, opener: Callable[[], Awaitable[T]]) -> None:
+        self._opener: Callable[[], Awaitable[T]] = opener
+        self._value: T | None = None
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._opener().__await__()
+
+    async def __aenter__(self) -> T:
+        self._value = await self._opener()
+        return self._value
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._value is not None:
+            if isinstance(self._value, Registration):
+                await self._value.deregister()
+            else:
+                await self._value.close()
+
+
+class AsyncClient:
+    """Registers instances and discovers services in etcd.
+
+    >>> async with AsyncClient("127.0.0.1:2379") as client:        # doctest: +SKIP
+    ...     async with client.register("echo", "10.0.0.5:50051"):
+    ...         async with client.discover("echo") as cache:
+    ...             await cache.wait_ready()
+    ...             print(cache.instances())
+    """
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str] | None = None,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        cacert: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = 5.0,
+        etcd: EtcdClient | None = None,
+    ) -> None:
+        self.prefix = validate_prefix(prefix)
+        if etcd is None:
+            tls = TlsConfig(ca=cacert, cert=cert, key=key) if (cacert or cert or key) else None
+            config = EtcdConfig(
+                endpoints=parse_endpoints(endpoints) if endpoints else EtcdConfig().endpoints,
+                tls=tls,
+                username=username,
+                password=password,
+                timeout=timeout,
+            )
+            etcd = EtcdClient(config=config)
+            self._owns_etcd = True
+        else:
+            self._owns_etcd = False
+        self.etcd = etcd
+        self._stream = etcd.keepalive_stream()
+        self._keepers: dict[int, LeaseKeeper] = {}
+        self._watchers: dict[str, PrefixWatcher] = {}
+        self._closed = False
+
+    # -- registration --------------------------------------------------------------
+
+    def register(
+        self,
+        service: str,
+        address: str,
+        *,
+        instance_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        ttl: int = 10,
+    ) -> _Opening[Registration]:
+        """Register an instance; it stays registered (and heals) until deregistered.
+
+        Input is validated before anything is written. Await it, or use it as an
+        async context manager to deregister on exit.
+        """
+        ttl = validate_ttl(ttl)
+
+        async def open_() -> Registration:
+            self._check_open()
+            keeper = self._keepers.get(ttl)
+            if keeper is None:
+                keeper = self._keepers[ttl] = LeaseKeeper(self.etcd, self._stream, ttl)
+            reg = make_registration(
+                keeper,
+                prefix=self.prefix,
+                service=service,
+                address=address,
+                instance_id=instance_id,
+                metadata=metadata,
+            )
+            await keeper.attach(reg)
+            return reg
+
+        return _Opening(open_)
+
+    @property
+    def registrations(self) -> tuple[Registration, ...]:
+        return tuple(r for k in self._keepers.values() for r in k.registrations)
+
+    # -- discovery -----------------------------------------------------------------
+
+    def discover(self, service: str) -> _Opening[ServiceCache]:
+        """A cache of ``service``'s instances, following etcd until closed."""
+        name = validate_service_name(service)
+        return _Opening(lambda: self._open_cache(service_prefix(self.prefix, name), name))
+
+    def discover_all(self) -> _Opening[ServiceCache]:
+        """A cache of every instance of every service under the prefix."""
+        return _Opening(lambda: self._open_cache(self.prefix + "/", None))
+
+    async def _open_cache(self, key_prefix: str, service: str | None) -> ServiceCache:
+        self._check_open()
+        watcher = self._watchers.get(key_prefix)
+        if watcher is None:
+            watcher = self._watchers[key_prefix] = PrefixWatcher(
+                self.etcd, self.prefix, key_prefix, on_idle=self._forget_watcher
+            )
+        cache = ServiceCache(watcher, service)
+        watcher.subscribe(cache)
+        return cache
+
+    def _forget_watcher(self, watcher: PrefixWatcher) -> None:
+        if self._watchers.get(watcher.key_prefix) is watcher:
+            del self._watchers[watcher.key_prefix]
+
+    @property
+    def watch_count(self) -> int:
+        """Watches this client holds open (one per distinct prefix)."""
+        return len(self._watchers)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("client is closed")
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Deregister every registration (bounded by ``timeout``), stop every cache,
+        and close the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.gather(*(k.close(timeout) for k in self._keepers.values()))
+        await asyncio.gather(*(w.stop() for w in list(self._watchers.values())))
+        self._watchers.clear()
+        await self._stream.close()
+        if self._owns_etcd:
+            await self.etcd.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

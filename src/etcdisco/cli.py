@@ -1,0 +1,279 @@
+"""The ``etcdisco`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import click
+
+from ._async_client import AsyncClient
+from ._errors import EtcdiscoError
+from ._model import ChangeEvent, Instance
+from .etcd import DEFAULT_ENDPOINT
+from .registry import Registration, RegistrationState
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Settings:
+    endpoints: str
+    prefix: str
+    cacert: str | None
+    cert: str | None
+    key: str | None
+    user: str | None
+    timeout: float
+    json: bool
+
+    def client(self) -> AsyncClient:
+        password = os.environ.get("ETCDISCO_PASSWORD") if self.user else None
+        if self.user and password is None:
+            raise click.UsageError("--user needs the password in the ETCDISCO_PASSWORD variable")
+        return AsyncClient(
+            self.endpoints,
+            prefix=self.prefix,
+            cacert=self.cacert,
+            cert=self.cert,
+            key=self.key,
+            username=self.user,
+            password=password,
+            timeout=self.timeout,
+        )
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"etcdisco: error: {message}", err=True)
+    sys.exit(code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except EtcdiscoError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def run_until_signal(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
+    """Run ``main(stop)`` where ``stop`` is set on SIGINT or SIGTERM."""
+
+    async def runner() -> T:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            return await main(stop)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    with _errors():
+        return asyncio.run(runner())
+    raise AssertionError("unreachable")
+
+
+def _parse_meta(items: tuple[str, ...]) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not key=value", param_hint="--meta")
+        value: Any = raw
+        # Numbers and booleans keep their type so weights compare as numbers.
+        try:
+            value = json.loads(raw)
+            if isinstance(value, (dict, list)):
+                value = raw
+        except ValueError:
+            value = raw
+        meta[name] = value
+    return meta
+
+
+def _instance_line(inst: Instance) -> str:
+    meta = ",".join(f"{k}={v}" for k, v in sorted(inst.metadata.items()))
+    return f"{inst.service:<20} {inst.id:<28} {inst.address:<24} {meta}"
+
+
+def _event_json(ev: ChangeEvent) -> str:
+    return json.dumps({"event": ev.type.value, **ev.instance.to_dict()}, sort_keys=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--endpoints",
+    envvar="ETCDISCO_ENDPOINTS",
+    default=DEFAULT_ENDPOINT,
+    show_default=True,
+    help="Comma-separated etcd endpoints (env ETCDISCO_ENDPOINTS).",
+)
+@click.option("--prefix", default="services", show_default=True, help="Registry key prefix.")
+@click.option("--cacert", type=click.Path(dir_okay=False), help="CA bundle for TLS to etcd.")
+@click.option("--cert", type=click.Path(dir_okay=False), help="Client certificate (mutual TLS).")
+@click.option("--key", type=click.Path(dir_okay=False), help="Client key (mutual TLS).")
+@click.option("--user", help="etcd user; the password is read from ETCDISCO_PASSWORD.")
+@click.option("--timeout", default=5.0, show_default=True, help="Deadline of one etcd call (s).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (JSON lines).")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    endpoints: str,
+    prefix: str,
+    cacert: str | None,
+    cert: str | None,
+    key: str | None,
+    user: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Service registration and discovery on etcd."""
+    ctx.obj = Settings(endpoints, prefix, cacert, cert, key, user, timeout, as_json)
+
+
+@cli.command()
+@click.argument("service")
+@click.argument("address")
+@click.option("--id", "instance_id", help="Instance id (default: the address).")
+@click.option("--meta", multiple=True, metavar="K=V", help="Metadata entry; repeatable.")
+@click.option("--ttl", default=10, show_default=True, help="Lease TTL in seconds (>= 2).")
+@click.pass_obj
+def register(
+    settings: Settings,
+    service: str,
+    address: str,
+    instance_id: str | None,
+    meta: tuple[str, ...],
+    ttl: int,
+) -> None:
+    """Register SERVICE at ADDRESS and keep it alive until SIGINT/SIGTERM."""
+    metadata = _parse_meta(meta)
+
+    async def main(stop: asyncio.Event) -> None:
+        async with settings.client() as client:
+            reg = await client.register(
+                service, address, instance_id=instance_id, metadata=metadata, ttl=ttl
+            )
+            _say_registered(settings, reg)
+
+            def on_state(r: Registration, state: RegistrationState) -> None:
+                if settings.json:
+                    click.echo(json.dumps({"key": r.key, "state": state.value}))
+                else:
+                    click.echo(f"{r.key}: {state.value}")
+
+            reg.add_listener(on_state)
+            await stop.wait()
+            await reg.deregister()
+            if not settings.json:
+                click.echo(f"deregistered {reg.key}")
+
+    run_until_signal(main)
+
+
+def _say_registered(settings: Settings, reg: Registration) -> None:
+    if settings.json:
+        click.echo(
+            json.dumps(
+                {
+                    "key": reg.key,
+                    "address": reg.address,
+                    "lease": reg.lease_id,
+                    "ttl": reg.ttl,
+                    "state": reg.state.value,
+                }
+            )
+        )
+    else:
+        click.echo(
+            f"registered {reg.key} -> {reg.address} (lease {reg.lease_id:x}, ttl {reg.ttl}s)"
+        )
+
+
+@cli.command("list")
+@click.argument("service", required=False)
+@click.pass_obj
+def list_(settings: Settings, service: str | None) -> None:
+    """List the instances of SERVICE (or of every service)."""
+
+    async def main(stop: asyncio.Event) -> list[Instance]:
+        async with settings.client() as client:
+            opening = client.discover(service) if service else client.discover_all()
+            async with opening as cache:
+                await cache.wait_ready(settings.timeout)
+                return list(cache.instances())
+
+    instances = run_until_signal(main)
+    if settings.json:
+        for inst in instances:
+            click.echo(json.dumps(inst.to_dict(), sort_keys=True))
+        return
+    if not instances:
+        click.echo("no instances" + (f" of {service}" if service else ""))
+        return
+    click.echo(f"{'SERVICE':<20} {'ID':<28} {'ADDRESS':<24} METADATA")
+    for inst in instances:
+        click.echo(_instance_line(inst))
+
+
+@cli.command()
+@click.argument("service", required=False)
+@click.pass_obj
+def watch(settings: Settings, service: str | None) -> None:
+    """Print the instances, then one line per change, until interrupted."""
+
+    async def main(stop: asyncio.Event) -> None:
+        async with settings.client() as client:
+            opening = client.discover(service) if service else client.discover_all()
+            async with opening as cache:
+                events = cache.events()
+                await cache.wait_ready(settings.timeout)
+                for inst in cache.instances():
+                    if settings.json:
+                        click.echo(
+                            json.dumps({"event": "existing", **inst.to_dict()}, sort_keys=True)
+                        )
+                    else:
+                        click.echo(f"= {_instance_line(inst)}")
+                cache.add_state_listener(
+                    lambda state: click.echo(f"# cache {state.value}", err=True)
+                )
+                stopper = asyncio.ensure_future(stop.wait())
+                try:
+                    while True:
+                        nxt = asyncio.ensure_future(anext(events))
+                        done, _ = await asyncio.wait(
+                            {nxt, stopper}, return_when=asyncio.FIRST_COMPLETED
+                        )
+                        if stopper in done:
+                            nxt.cancel()
+                            return
+                        ev = nxt.result()
+                        if settings.json:
+                            click.echo(_event_json(ev))
+                        else:
+                            mark = {"added": "+", "removed": "-", "updated": "~"}[ev.type.value]
+                            click.echo(f"{mark} {_instance_line(ev.instance)}")
+                finally:
+                    stopper.cancel()
+
+    run_until_signal(main)
+
+
+def main() -> None:
+    cli(prog_name="etcdisco")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""Discovery: a local cache of a service's instances that follows etcd.
+
+A :class:`PrefixWatcher` owns one list + watch loop per key prefix and client; every
+:class:`ServiceCache` on that prefix subscribes to it, so many caches cost etcd one
+watch. The loop lists the prefix at revision R, watches from R + 1, and after any
+break resumes from the last delivered event's revision + 1. A compaction makes it
+re-list and emit only the difference. Errors never empty the cache: while etcd is
+unreachable the last known instances stay served and the state says ``stale``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ._backoff import Backoff
+from ._errors import ClosedError, CompactedError, EtcdError, EtcdTimeoutError, MalformedValueError
+from ._model import ChangeEvent, EventType, Instance, decode_instance, diff
+from .etcd import EtcdClient, KeyValue, Watch, WatchEventType
+
+log = logging.getLogger("etcdisco.discovery")
+
+# How often a quiet watch is asked to prove it is alive, and how long it may take.
+_PROGRESS_EVERY = 10.0
+_PROGRESS_TIMEOUT = 5.0
+
+
+class CacheState(enum.StrEnum):
+    CONNECTING = "connecting"  # no list has succeeded yet
+    SYNCED = "synced"  # following etcd live
+    STALE = "stale"  # etcd unreachable; serving the last known instances
+    CLOSED = "closed"
+
+
+EventListener = Callable[[list[ChangeEvent]], None]
+
+
+class PrefixWatcher:
+    """Owns the list + watch loop of one prefix; shared by the caches on it."""
+
+    def __init__(
+        self,
+        etcd: EtcdClient,
+        root: str,
+        key_prefix: str,
+        *,
+        on_idle: Callable[[PrefixWatcher], None],
+    ) -> None:
+        self._etcd = etcd
+        self.root = root  # the registry prefix, e.g. "services"
+        self.key_prefix = key_prefix  # what is watched, e.g. "services/echo/"
+        self._on_idle = on_idle
+        self.instances: dict[str, Instance] = {}
+        self._bad_keys: set[str] = set()
+        self.revision = 0  # last revision fully applied
+        self.state = CacheState.CONNECTING
+        self.malformed = 0
+        self.resyncs = 0
+        self.last_sync = 0.0
+        self._subscribers: list[ServiceCache] = []
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._backoff = Backoff(initial=0.1, maximum=5.0)
+        self._last_error: BaseException | None = None
+
+    # -- subscribers ---------------------------------------------------------------
+
+    def subscribe(self, cache: ServiceCache) -> None:
+        self._subscribers.append(cache)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"etcdisco-watch-{self.key_prefix}"
+            )
+
+    async def unsubscribe(self, cache: ServiceCache) -> None:
+        if cache in self._subscribers:
+            self._subscribers.remove(cache)
+        if not self._subscribers:
+            self._on_idle(self)
+            await self.stop()
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._set_state(CacheState.CLOSED)
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    @property
+    def last_error(self) -> BaseException | None:
+        return self._last_error
+
+    def _set_state(self, state: CacheState) -> None:
+        if state is self.state:
+            return
+        old, self.state = self.state, state
+        level = logging.WARNING if state is CacheState.STALE else logging.INFO
+        log.log(level, "cache %s: %s -> %s", self.key_prefix, old.value, state.value)
+        for cache in list(self._subscribers):
+            cache._state_changed(state)
+
+    def _publish(self, events: list[ChangeEvent]) -> None:
+        if events:
+            for cache in list(self._subscribers):
+                cache._deliver(events)
+
+    # -- the loop ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        must_list = True
+        while True:
+            try:
+                if must_list:
+                    await self._list()
+                    must_list = False
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except CompactedError as exc:
+                # History we missed is gone: re-list and emit only what changed.
+                log.info(
+                    "watch on %s compacted at %d; re-listing", self.key_prefix, exc.compact_revision
+                )
+                self.resyncs += 1
+                must_list = True
+            except (EtcdError, ClosedError) as exc:
+                self._last_error = exc
+                if isinstance(exc, ClosedError):
+                    return
+                if self._ready.is_set():
+                    self._set_state(CacheState.STALE)
+                delay = self._backoff.next_delay()
+                log.debug("watch on %s broke (%s); retrying in %.2fs", self.key_prefix, exc, delay)
+                await asyncio.sleep(delay)
+            except Exception as exc:  # never let the follower die: it would go stale silently
+                self._last_error = exc
+                log.exception("watch loop on %s failed; restarting", self.key_prefix)
+                must_list = True
+                await asyncio.sleep(self._backoff.next_delay())
+
+    async def _list(self) -> None:
+        result = await self._etcd.get(self.key_prefix, prefix=True)
+        fresh: dict[str, Instance] = {}
+        bad: set[str] = set()
+        for kv in result.kvs:
+            inst = self._decode(kv)
+            if inst is None:
+                bad.add(kv.key.decode("utf-8", "replace"))
+            else:
+                fresh[inst.key] = inst
+        events = diff(self.instances, fresh)
+        self.instances = fresh
+        self._bad_keys = bad
+        self.revision = result.revision
+        self._synced()
+        self._publish(events)
+
+    def _synced(self) -> None:
+        self.last_sync = time.monotonic()
+        self._backoff.reset()
+        self._last_error = None
+        self._set_state(CacheState.SYNCED)
+        self._ready.set()
+
+    async def _follow(self) -> None:
+        watch = self._etcd.watch(
+            self.key_prefix,
+            prefix=True,
+            start_revision=self.revision + 1,
+            progress_notify=True,
+            require_leader=True,
+        )
+        await watch.start()
+        self._synced()
+        prober = asyncio.get_running_loop().create_task(self._probe(watch))
+        try:
+            async for batch in watch:
+                self._apply(batch.events)
+                self.last_sync = time.monotonic()
+        finally:
+            prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await prober
+            await watch.cancel()
+        raise EtcdTimeoutError(f"watch on {self.key_prefix} went silent")
+
+    async def _probe(self, watch: Watch) -> None:
+        """A stream can stay open on a member cut off from the rest: ask for progress
+        regularly and break the watch when no answer comes."""
+        while True:
+            await asyncio.sleep(_PROGRESS_EVERY)
+            asked = time.monotonic()
+            with contextlib.suppress(Exception):
+                await watch.request_progress()
+            await asyncio.sleep(_PROGRESS_TIMEOUT)
+            if self.last_sync < asked:
+                log.warning("watch on %s gave no progress; reconnecting", self.key_prefix)
+                await watch.cancel()
+                return
+
+    def _apply(self, events: tuple[Any, ...]) -> None:
+        changes: list[ChangeEvent] = []
+        for ev in events:
+            kv: KeyValue = ev.kv
+            key = kv.key.decode("utf-8", "replace")
+            old = self.instances.get(key)
+            if ev.type is WatchEventType.DELETE:
+                self._bad_keys.discard(key)
+                if old is not None:
+                    del self.instances[key]
+                    changes.append(ChangeEvent(EventType.REMOVED, old, None))
+            else:
+                inst = self._decode(kv)
+                if inst is None:
+                    self._bad_keys.add(key)
+                    # A key that turned to garbage no longer names a usable instance.
+                    if old is not None:
+                        del self.instances[key]
+                        changes.append(ChangeEvent(EventType.REMOVED, old, None))
+                else:
+                    self._bad_keys.discard(key)
+                    self.instances[key] = inst
+                    if old is None:
+                        changes.append(ChangeEvent(EventType.ADDED, inst, None))
+                    elif old.address != inst.address or old.metadata != inst.metadata:
+                        changes.append(ChangeEvent(EventType.UPDATED, inst, old))
+            self.revision = max(self.revision, kv.mod_revision)
+        self._publish(changes)
+
+    def _decode(self, kv: KeyValue) -> Instance | None:
+        try:
+            return decode_instance(self.root, kv.key, kv.value, kv.mod_revision, kv.lease)
+        except MalformedValueError as exc:
+            self.malformed += 1
+            # One warning per bad key per process keeps logs readable under garbage.
+            key = kv.key.decode("utf-8", "replace")
+            if key not in self._bad_keys:
+                log.warning("skipping %s", exc)
+            return None
+
+
+class ServiceCache:
+    """The instances of one service (or of every service), kept current.
+
+    ``instances()`` is an immutable snapshot; iterate the cache (``async for``) for
+    :class:`ChangeEvent` values; ``wait_ready()`` waits for the first full list.
+    """
+
+    def __init__(self, watcher: PrefixWatcher, service: str | None) -> None:
+        self._watcher = watcher
+        self.service = service
+        self._queues: list[asyncio.Queue[ChangeEvent | None]] = []
+        self._listeners: list[EventListener] = []
+        self._state_listeners: list[Callable[[CacheState], None]] = []
+        self._closed = False
+
+    @property
+    def state(self) -> CacheState:
+        return CacheState.CLOSED if self._closed else self._watcher.state
+
+    @property
+    def revision(self) -> int:
+        return self._watcher.revision
+
+    @property
+    def malformed(self) -> int:
+        """How many malformed values were skipped so far."""
+        return self._watcher.malformed
+
+    @property
+    def resyncs(self) -> int:
+        return self._watcher.resyncs
+
+    def instances(self) -> tuple[Instance, ...]:
+        return tuple(sorted(self._watcher.instances.values(), key=lambda i: (i.service, i.id)))
+
+    def services(self) -> Mapping[str, tuple[Instance, ...]]:
+        out: dict[str, list[Instance]] = {}
+        for inst in self.instances():
+            out.setdefault(inst.service, []).append(inst)
+        return {name: tuple(items) for name, items in out.items()}
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the first list has been loaded."""
+        try:
+            await asyncio.wait_for(self._watcher.wait_ready(), timeout)
+        except TimeoutError:
+            err = self._watcher.last_error
+            detail = f": {err}" if err else ""
+            raise EtcdTimeoutError(
+                f"cache for {self._watcher.key_prefix} not ready after {timeout}s{detail}"
+            ) from None
+
+    def add_listener(self, listener: EventListener) -> None:
+        """Call ``listener(events)`` with each batch of changes (on the event loop)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: EventListener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def add_state_listener(self, listener: Callable[[CacheState], None]) -> None:
+        self._state_listeners.append(listener)
+
+    def _deliver(self, events: list[ChangeEvent]) -> None:
+        for q in self._queues:
+            for ev in events:
+                q.put_nowait(ev)
+        for listener in list(self._listeners):
+            try:
+                listener(events)
+            except Exception:
+                log.exception("cache listener failed")
+
+    def _state_changed(self, state: CacheState) -> None:
+        for listener in list(self._state_listeners):
+            try:
+                listener(state)
+            except Exception:
+                log.exception("cache state listener failed")
+
+    def events(self) -> EventStream:
+        """Change events from this call on (not from the first iteration: a change
+        made between the call and the first ``await`` is not lost)."""
+        return EventStream(self)
+
+    def __aiter__(self) -> EventStream:
+        return self.events()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for q in self._queues:
+            q.put_nowait(None)
+        await self._watcher.unsubscribe(self)
+
+    async def __aenter__(self) -> ServiceCache:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class EventStream:
+    """An async iterator of one subscriber's change events; ends when the cache closes."""
+
+    def __init__(self, cache: ServiceCache) -> None:
+        self._cache = cache
+        self._queue: asyncio.Queue[ChangeEvent | None] = asyncio.Queue()
+        cache._queues.append(self._queue)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> ChangeEvent:
+        ev = await self._queue.get()
+        if ev is None:
+            self.close()
+            raise StopAsyncIteration
+        return ev
+
+    def close(self) -> None:
+        """Stop collecting events."""
+        if self._queue in self._cache._queues:
+            self._cache._queues.remove(self._queue)

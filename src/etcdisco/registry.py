@@ -1,0 +1,406 @@
+"""Registration of service instances: one lease, kept alive, healed forever.
+
+A :class:`LeaseKeeper` owns one lease of a given TTL and the task that keeps it alive;
+every :class:`Registration` of that TTL on the client shares it, so a process costs
+etcd one lease and one keepalive stream however many services it registers.
+
+The keeper's loop is the single place where registration states change:
+
+    REGISTERED --keepalive fails--> RECONNECTING --no ack for a TTL--> LOST
+        ^                                 |                              |
+        +------ keepalive answers --------+       re-grant + re-put <----+
+    any --deregister()--> CLOSED
+
+A lost lease is re-granted and every key re-put, with capped exponential backoff and
+jitter, without ever giving up. Keys are only written with a live lease id, so etcd
+itself refuses a write whose lease has gone (no permanent keys, ever).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from ._backoff import Backoff
+from ._errors import (
+    ClosedError,
+    ConfigError,
+    EtcdError,
+    LeaseNotFoundError,
+    RegistrationError,
+)
+from ._model import (
+    Status,
+    encode_value,
+    instance_key,
+    normalize_address,
+    validate_instance_id,
+    validate_service_name,
+)
+from .etcd import Compare, EtcdClient, KeepAliveStream, Op
+
+log = logging.getLogger("etcdisco.registry")
+
+MIN_TTL = 2  # etcd's minimum with the default election timeout
+
+
+class RegistrationState(enum.StrEnum):
+    PENDING = "pending"
+    REGISTERED = "registered"
+    RECONNECTING = "reconnecting"
+    LOST = "lost"
+    CLOSED = "closed"
+
+
+StateListener = Callable[["Registration", RegistrationState], None]
+
+
+class Registration:
+    """One service instance in etcd. Use ``async with`` to deregister on exit."""
+
+    def __init__(
+        self,
+        keeper: LeaseKeeper,
+        *,
+        prefix: str,
+        service: str,
+        address: str,
+        instance_id: str,
+        metadata: Mapping[str, Any],
+    ) -> None:
+        self._keeper = keeper
+        self.service = service
+        self.address = address
+        self.instance_id = instance_id
+        self.key = instance_key(prefix, service, instance_id)
+        self._metadata: dict[str, Any] = dict(metadata)
+        self._value = encode_value(address, self._metadata)
+        self._state = RegistrationState.PENDING
+        self._listeners: list[StateListener] = []
+        self._conflict_logged = False
+        self.revision = 0
+        """mod_revision of our latest write."""
+        self.re_registrations = 0
+
+    # -- read-only views -----------------------------------------------------------
+
+    @property
+    def metadata(self) -> Mapping[str, Any]:
+        return MappingProxyType(self._metadata)
+
+    @property
+    def value(self) -> bytes:
+        return self._value
+
+    @property
+    def state(self) -> RegistrationState:
+        return self._state
+
+    @property
+    def lease_id(self) -> int | None:
+        return self._keeper.lease_id
+
+    @property
+    def ttl(self) -> int:
+        return self._keeper.ttl
+
+    def add_listener(self, listener: StateListener) -> None:
+        """Call ``listener(registration, state)`` on every state change."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: StateListener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _set_state(self, state: RegistrationState) -> None:
+        if state is self._state or self._state is RegistrationState.CLOSED:
+            return
+        old, self._state = self._state, state
+        level = logging.WARNING if state is RegistrationState.LOST else logging.INFO
+        log.log(level, "registration %s: %s -> %s", self.key, old.value, state.value)
+        for listener in list(self._listeners):
+            try:
+                listener(self, state)
+            except Exception:
+                log.exception("registration listener failed")
+
+    # -- changes -------------------------------------------------------------------
+
+    async def update(self, metadata: Mapping[str, Any]) -> None:
+        """Replace the metadata (kept across re-registrations)."""
+        self._check_open()
+        value = encode_value(self.address, metadata)
+        self._metadata = dict(metadata)
+        self._value = value
+        await self._keeper.write(self)
+
+    async def drain(self, wait: float = 0.0) -> None:
+        """Mark the instance ``draining`` so clients stop picking it; then wait
+        ``wait`` seconds for them to notice before the caller stops serving."""
+        self._check_open()
+        await self.update({**self._metadata, "status": Status.DRAINING.value})
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def deregister(self, timeout: float = 5.0) -> None:
+        """Delete the key, then revoke the lease if no other registration uses it."""
+        if self._state is RegistrationState.CLOSED:
+            return
+        try:
+            await asyncio.wait_for(self._keeper.detach(self), timeout)
+        finally:
+            self._set_state(RegistrationState.CLOSED)
+
+    def _check_open(self) -> None:
+        if self._state is RegistrationState.CLOSED:
+            raise RegistrationError(f"registration {self.key} is closed")
+
+    async def __aenter__(self) -> Registration:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.deregister()
+
+    def __repr__(self) -> str:
+        return f"<Registration {self.key} {self.address} {self._state.value}>"
+
+
+class LeaseKeeper:
+    """Owns one lease and the task that keeps it alive and heals it."""
+
+    def __init__(
+        self,
+        etcd: EtcdClient,
+        stream: KeepAliveStream,
+        ttl: int,
+        *,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self._etcd = etcd
+        self._stream = stream
+        self.ttl = ttl
+        self.lease_id: int | None = None
+        self._registrations: dict[str, Registration] = {}
+        self._backoff = backoff or Backoff(initial=0.2, maximum=max(ttl / 2, 1.0))
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()  # serializes lease (re)creation and writes
+        self._last_ack = 0.0
+        self._closed = False
+
+    @property
+    def registrations(self) -> tuple[Registration, ...]:
+        return tuple(self._registrations.values())
+
+    # -- attach / detach -----------------------------------------------------------
+
+    async def attach(self, reg: Registration) -> None:
+        """Write ``reg`` under the lease (granting it first if needed)."""
+        if reg.key in self._registrations:
+            raise ConfigError(f"{reg.key} is already registered by this client")
+        self._registrations[reg.key] = reg
+        try:
+            async with self._lock:
+                if self.lease_id is None:
+                    await self._grant()
+                await self._put(reg)
+        except BaseException:
+            self._registrations.pop(reg.key, None)
+            raise
+        reg._set_state(RegistrationState.REGISTERED)
+        self._ensure_task()
+
+    async def write(self, reg: Registration) -> None:
+        async with self._lock:
+            if self.lease_id is not None and reg.key in self._registrations:
+                await self._put(reg)
+
+    async def detach(self, reg: Registration) -> None:
+        if self._registrations.pop(reg.key, None) is None:
+            return
+        lease = self.lease_id
+        try:
+            # Only delete the key if it is still ours: a restarted twin may own it now.
+            await self._etcd.txn([Compare.lease(reg.key, "==", lease or 0)], [Op.delete(reg.key)])
+        finally:
+            if not self._registrations:
+                await self._stop_task()
+                self.lease_id = None
+                if lease is not None:
+                    with contextlib.suppress(LeaseNotFoundError):
+                        await self._etcd.lease_revoke(lease)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Deregister everything (bounded), then stop."""
+        regs = list(self._registrations.values())
+        with contextlib.suppress(EtcdError, TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(r.deregister(timeout) for r in regs)), timeout)
+        self._closed = True
+        await self._stop_task()
+
+    # -- lease and writes ----------------------------------------------------------
+
+    async def _grant(self) -> None:
+        grant = await self._etcd.lease_grant(self.ttl)
+        self.lease_id = grant.id
+        self._last_ack = time.monotonic()
+        log.info("granted lease %x (ttl %ss)", grant.id, grant.ttl)
+
+    async def _put(self, reg: Registration) -> None:
+        assert self.lease_id is not None
+        result = await self._etcd.put(reg.key, reg.value, lease=self.lease_id)
+        reg.revision = result.revision
+
+    # -- the loop ------------------------------------------------------------------
+
+    def _ensure_task(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"etcdisco-lease-keeper-{self.ttl}s"
+            )
+
+    async def _stop_task(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _set_all(self, state: RegistrationState) -> None:
+        for reg in list(self._registrations.values()):
+            reg._set_state(state)
+
+    async def _run(self) -> None:
+        interval = max(self.ttl / 3.0, 0.5)
+        while self._registrations and not self._closed:
+            if self.lease_id is None:
+                await self._heal()
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
+            try:
+                await self._tick(interval)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The keeper must outlive any surprise: a dead keeper is a vanished service.
+                log.exception("lease keeper tick failed; continuing")
+
+    async def _tick(self, interval: float) -> None:
+        lease = self.lease_id
+        if lease is None:
+            return
+        try:
+            await self._stream.keepalive(lease, timeout=interval)
+        except asyncio.CancelledError:
+            raise
+        except LeaseNotFoundError:
+            log.warning("lease %x is gone; re-registering", lease)
+            self._lose_lease()
+            return
+        except (EtcdError, ClosedError) as exc:
+            silent_for = time.monotonic() - self._last_ack
+            if silent_for >= self.ttl:
+                log.warning("no keepalive ack for %.1fs (ttl %ss): %s", silent_for, self.ttl, exc)
+                self._lose_lease()
+            else:
+                self._set_all(RegistrationState.RECONNECTING)
+            return
+        self._last_ack = time.monotonic()
+        self._set_all(RegistrationState.REGISTERED)
+        with contextlib.suppress(EtcdError):
+            await self._verify_keys(lease)
+
+    def _lose_lease(self) -> None:
+        self.lease_id = None
+        self._set_all(RegistrationState.LOST)
+
+    async def _heal(self) -> None:
+        """Re-grant and re-put every registration; retries forever with backoff."""
+        while self._registrations and not self._closed:
+            try:
+                async with self._lock:
+                    await self._grant()
+                    for reg in list(self._registrations.values()):
+                        await self._put(reg)
+                        reg.re_registrations += 1
+            except asyncio.CancelledError:
+                raise
+            except EtcdError as exc:
+                self.lease_id = None
+                delay = self._backoff.next_delay()
+                log.debug("re-register failed (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            self._backoff.reset()
+            self._set_all(RegistrationState.REGISTERED)
+            log.info(
+                "re-registered %d instance(s) under lease %x",
+                len(self._registrations),
+                self.lease_id,
+            )
+            return
+
+    async def _verify_keys(self, lease: int) -> None:
+        """Put back keys that were deleted from outside while the lease lives."""
+        try:
+            info = await self._etcd.lease_time_to_live(lease, keys=True)
+        except EtcdError:
+            return  # the next tick tries again
+        bound = {k.decode("utf-8", "replace") for k in info.keys}
+        for reg in list(self._registrations.values()):
+            if reg.key in bound:
+                reg._conflict_logged = False
+                continue
+            async with self._lock:
+                if self.lease_id != lease or reg.key not in self._registrations:
+                    return
+                # Put back only when the key is absent: a key on another lease belongs
+                # to someone else (a twin with the same id), and we do not fight it.
+                result = await self._etcd.txn(
+                    [Compare.version(reg.key, "==", 0)],
+                    [Op.put(reg.key, reg.value, lease=lease)],
+                )
+            if result.succeeded:
+                reg.re_registrations += 1
+                reg.revision = result.revision
+                log.warning("%s was deleted from outside; put it back", reg.key)
+            elif not reg._conflict_logged:
+                reg._conflict_logged = True
+                log.warning("%s is held by another lease (same instance id elsewhere?)", reg.key)
+
+
+def make_registration(
+    keeper: LeaseKeeper,
+    *,
+    prefix: str,
+    service: str,
+    address: str,
+    instance_id: str | None,
+    metadata: Mapping[str, Any] | None,
+) -> Registration:
+    """Validate everything before anything is written."""
+    service = validate_service_name(service)
+    address = normalize_address(address)
+    instance_id = validate_instance_id(instance_id if instance_id is not None else address)
+    return Registration(
+        keeper,
+        prefix=prefix,
+        service=service,
+        address=address,
+        instance_id=instance_id,
+        metadata=dict(metadata or {}),
+    )
+
+
+def validate_ttl(ttl: int) -> int:
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < MIN_TTL:
+        raise ConfigError(f"ttl must be an integer >= {MIN_TTL} seconds, got {ttl!r}")
+    return ttl

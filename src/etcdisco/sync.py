@@ -1,0 +1,295 @@
+"""The sync facade: the async core on a private event-loop thread.
+
+Every blocking method hands a coroutine to that loop and waits for it. User callbacks
+never run on the loop: they are queued to one dispatcher thread per client, so a slow
+callback cannot stall keepalives or watches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from ._async_client import AsyncClient
+from ._errors import EtcdTimeoutError
+from ._model import ChangeEvent, Instance
+from .discovery import CacheState, ServiceCache
+from .registry import Registration, RegistrationState
+
+log = logging.getLogger("etcdisco.sync")
+
+T = TypeVar("T")
+
+
+class _LoopThread:
+    """Owns a private event loop and the thread that runs it."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("blocking etcdisco call made from its own loop thread")
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise EtcdTimeoutError(f"operation did not finish within {timeout}s") from None
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class _Dispatcher:
+    """One thread that runs user callbacks in order."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._queue.put(fn)
+
+    def _main(self) -> None:
+        while (fn := self._queue.get()) is not None:
+            try:
+                fn()
+            except Exception:
+                log.exception("etcdisco callback failed")
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+
+
+class SyncRegistration:
+    """A registration seen from sync code (see :class:`etcdisco.Registration`)."""
+
+    def __init__(self, client: Client, reg: Registration) -> None:
+        self._client = client
+        self._reg = reg
+
+    key = property(lambda self: self._reg.key)
+    service = property(lambda self: self._reg.service)
+    address = property(lambda self: self._reg.address)
+    instance_id = property(lambda self: self._reg.instance_id)
+
+    @property
+    def state(self) -> RegistrationState:
+        return self._reg.state
+
+    @property
+    def metadata(self) -> Mapping[str, Any]:
+        return self._reg.metadata
+
+    @property
+    def lease_id(self) -> int | None:
+        return self._reg.lease_id
+
+    def add_listener(self, listener: Callable[[SyncRegistration, RegistrationState], None]) -> None:
+        def relay(_: Registration, state: RegistrationState) -> None:
+            self._client._dispatch.submit(lambda: listener(self, state))
+
+        self._client._call_in_loop(lambda: self._reg.add_listener(relay))
+
+    def update(self, metadata: Mapping[str, Any]) -> None:
+        self._client._run(self._reg.update(metadata))
+
+    def drain(self, wait: float = 0.0) -> None:
+        self._client._run(self._reg.drain(wait), timeout=wait + self._client._timeout)
+
+    def deregister(self, timeout: float = 5.0) -> None:
+        self._client._run(self._reg.deregister(timeout), timeout=timeout + 1)
+
+    def __enter__(self) -> SyncRegistration:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.deregister()
+
+
+class SyncServiceCache:
+    """A discovery cache seen from sync code (see :class:`etcdisco.ServiceCache`)."""
+
+    def __init__(self, client: Client, cache: ServiceCache) -> None:
+        self._client = client
+        self._cache = cache
+        self._events: queue.SimpleQueue[ChangeEvent] | None = None
+
+    @property
+    def state(self) -> CacheState:
+        return self._cache.state
+
+    @property
+    def malformed(self) -> int:
+        return self._cache.malformed
+
+    def instances(self) -> tuple[Instance, ...]:
+        # Snapshots are immutable tuples rebuilt on the loop; reading the dict from
+        # here races with the loop's updates, so build the tuple there.
+        return self._client._run(_snapshot(self._cache))
+
+    def services(self) -> Mapping[str, tuple[Instance, ...]]:
+        out: dict[str, list[Instance]] = {}
+        for inst in self.instances():
+            out.setdefault(inst.service, []).append(inst)
+        return {name: tuple(items) for name, items in out.items()}
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        self._client._run(self._cache.wait_ready(timeout))
+
+    def add_listener(self, listener: Callable[[list[ChangeEvent]], None]) -> None:
+        def relay(events: list[ChangeEvent]) -> None:
+            self._client._dispatch.submit(lambda: listener(events))
+
+        self._client._call_in_loop(lambda: self._cache.add_listener(relay))
+
+    def next_event(self, timeout: float | None = None) -> ChangeEvent | None:
+        """The next change (None after ``timeout``). Events are collected from the
+        first call of this method or of iteration on."""
+        if self._events is None:
+            q: queue.SimpleQueue[ChangeEvent] = queue.SimpleQueue()
+            self._events = q
+
+            def feed(events: list[ChangeEvent]) -> None:
+                for ev in events:
+                    q.put(ev)
+
+            self._client._call_in_loop(lambda: self._cache.add_listener(feed))
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def __iter__(self) -> Iterator[ChangeEvent]:
+        while self._cache.state is not CacheState.CLOSED:
+            ev = self.next_event(timeout=0.5)
+            if ev is not None:
+                yield ev
+
+    def close(self) -> None:
+        self._client._run(self._cache.close())
+
+    def __enter__(self) -> SyncServiceCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _snapshot(cache: ServiceCache) -> tuple[Instance, ...]:
+    return cache.instances()
+
+
+class Client:
+    """The blocking twin of :class:`etcdisco.AsyncClient` (same arguments)."""
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str] | None = None,
+        *,
+        prefix: str = "services",
+        cacert: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self._timeout = timeout
+        self._loop = _LoopThread("etcdisco-loop")
+        self._dispatch = _Dispatcher("etcdisco-callbacks")
+
+        async def make() -> AsyncClient:
+            return AsyncClient(
+                endpoints,
+                prefix=prefix,
+                cacert=cacert,
+                cert=cert,
+                key=key,
+                username=username,
+                password=password,
+                timeout=timeout,
+            )
+
+        try:
+            self._async = self._loop.run(make())
+        except BaseException:
+            self._loop.stop()
+            self._dispatch.stop()
+            raise
+        self._closed = False
+
+    @property
+    def async_client(self) -> AsyncClient:
+        return self._async
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return self._loop.run(coro, timeout)
+
+    def _call_in_loop(self, fn: Callable[[], None]) -> None:
+        async def call() -> None:
+            fn()
+
+        self._run(call())
+
+    def register(
+        self,
+        service: str,
+        address: str,
+        *,
+        instance_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        ttl: int = 10,
+    ) -> SyncRegistration:
+        async def open_() -> Registration:
+            return await self._async.register(
+                service, address, instance_id=instance_id, metadata=metadata, ttl=ttl
+            )
+
+        return SyncRegistration(self, self._run(open_()))
+
+    def discover(self, service: str) -> SyncServiceCache:
+        async def open_() -> ServiceCache:
+            return await self._async.discover(service)
+
+        return SyncServiceCache(self, self._run(open_()))
+
+    def discover_all(self) -> SyncServiceCache:
+        async def open_() -> ServiceCache:
+            return await self._async.discover_all()
+
+        return SyncServiceCache(self, self._run(open_()))
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._run(self._async.close(timeout), timeout=timeout + 2)
+        finally:
+            self._loop.stop()
+            self._dispatch.stop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
