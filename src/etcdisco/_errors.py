@@ -90,4 +90,3 @@ class ClosedError(EtcdError):
 
 class RegistrationError(EtcdiscoError):
     """A registration could not be made or kept."""
-

@@ -1,0 +1,556 @@
+"""Instances, change events and the wire codec shared with etcd's Go naming package.
+
+Key layout: ``<prefix>/<service>/<instance-id>``. Value layout (see DESIGN.md section 2)::
+
+    {"Op":0,"Addr":"10.0.0.5:50051","Metadata":"{\\"zone\\":\\"a\\"}"}
+
+``Metadata`` is written as a JSON-encoded *string* because grpc-go's round_robin panics on
+a JSON object there (etcd-io/etcd#19700); readers accept null, a string, an object or a
+number, since other writers (Go's endpoints.Manager, etcdctl, grpcproxy) differ.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any
+
+from ._errors import ConfigError, InvalidAddressError, MalformedValueError
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "MAX_JSON_DEPTH",
+    "MAX_VALUE_SIZE",
+    "ChangeEvent",
+    "EventType",
+    "Instance",
+    "Status",
+    "decode_instance",
+    "decode_value",
+    "diff",
+    "encode_value",
+    "instance_key",
+    "normalize_address",
+    "parse_address",
+    "service_prefix",
+    "split_key",
+    "validate_instance_id",
+    "validate_prefix",
+    "validate_service_name",
+]
+
+# No leading slash: Go's resolver dialled with etcd:///services/echo strips one "/" and
+# reads "services/echo", so this is the prefix both sides agree on by default.
+DEFAULT_PREFIX = "services"
+
+# Well under etcd's 1.5 MiB request limit, leaving room for the key and the txn around it.
+MAX_VALUE_SIZE = 1024 * 1024
+
+# Legitimate values are a few levels deep; the limit keeps hostile values from costing
+# stack depth or CPU in every reader.
+MAX_JSON_DEPTH = 32
+
+_MAX_NAME_LENGTH = 253
+
+# Cf (zero-width and bidi marks) is invisible and makes look-alike names; Cs (lone
+# surrogates) cannot be encoded as UTF-8 and would fail only when the key is written.
+_CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Cs"})
+
+
+def _bad_char(text: str, *, allow_whitespace: bool) -> str | None:
+    for index, char in enumerate(text):
+        if unicodedata.category(char) in _CONTROL_CATEGORIES:
+            return f"control or invisible character {char!r} at position {index}"
+        if not allow_whitespace and char.isspace():
+            return f"whitespace {char!r} at position {index}"
+    return None
+
+
+def validate_service_name(name: str) -> str:
+    """Return ``name`` if it can be a service name, else raise ConfigError."""
+    if not isinstance(name, str):
+        raise ConfigError(f"service name must be a string, not {type(name).__name__}")
+    if not name:
+        raise ConfigError("service name is empty")
+    if "/" in name:
+        raise ConfigError(f"service name {name!r} contains '/', which separates key parts")
+    problem = _bad_char(name, allow_whitespace=False)
+    if problem is not None:
+        raise ConfigError(f"service name {name!r} contains {problem}")
+    if len(name) > _MAX_NAME_LENGTH:
+        raise ConfigError(
+            f"service name is {len(name)} characters long; the limit is {_MAX_NAME_LENGTH}"
+        )
+    return name
+
+
+def validate_prefix(prefix: str) -> str:
+    """Return the prefix without trailing slashes, or raise ConfigError.
+
+    A leading "/" is kept as given because it is part of the etcd key; Go's resolver
+    strips one "/" from its dial target, so Go clients need an extra "/" to reach it.
+    """
+    if not isinstance(prefix, str):
+        raise ConfigError(f"prefix must be a string, not {type(prefix).__name__}")
+    stripped = prefix.rstrip("/")
+    if not stripped:
+        raise ConfigError(f"prefix {prefix!r} is empty once trailing '/' are removed")
+    problem = _bad_char(stripped, allow_whitespace=False)
+    if problem is not None:
+        raise ConfigError(f"prefix {prefix!r} contains {problem}")
+    return stripped
+
+
+def validate_instance_id(instance_id: str) -> str:
+    """Return ``instance_id`` if it can be the last key part, else raise ConfigError."""
+    if not isinstance(instance_id, str):
+        raise ConfigError(f"instance id must be a string, not {type(instance_id).__name__}")
+    if not instance_id:
+        raise ConfigError("instance id is empty")
+    if "/" in instance_id:
+        raise ConfigError(f"instance id {instance_id!r} contains '/', which separates key parts")
+    problem = _bad_char(instance_id, allow_whitespace=True)
+    if problem is not None:
+        raise ConfigError(f"instance id {instance_id!r} contains {problem}")
+    return instance_id
+
+
+def service_prefix(prefix: str, service: str) -> str:
+    """The key prefix holding every instance of ``service``, with its trailing "/".
+
+    The trailing "/" keeps ``echo`` from matching ``echo-canary/...``.
+    """
+    return f"{validate_prefix(prefix)}/{validate_service_name(service)}/"
+
+
+def instance_key(prefix: str, service: str, instance_id: str) -> str:
+    """The etcd key of one instance."""
+    return service_prefix(prefix, service) + validate_instance_id(instance_id)
+
+
+def split_key(prefix: str, key: str) -> tuple[str, str] | None:
+    """Split ``<prefix>/<service>/<id>`` into ``(service, id)``; None for any other shape."""
+    head = validate_prefix(prefix) + "/"
+    if not key.startswith(head):
+        return None
+    service, sep, instance_id = key[len(head) :].partition("/")
+    if not sep or not service or not instance_id or "/" in instance_id:
+        return None
+    return service, instance_id
+
+
+# RFC 1123 label: letters, digits, hyphen; a leading digit is allowed, hyphens are not
+# allowed at either end.
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
+_PORT = re.compile(r"[0-9]{1,5}", re.ASCII)
+_DOTTED_DIGITS = re.compile(r"[0-9.]+", re.ASCII)
+
+_EXAMPLE = "e.g. '10.0.0.5:50051' or '[::1]:50051'"
+_UNSPECIFIED = (
+    "{host} is the unspecified address, which no client can dial; "
+    "advertise this host's reachable IP or DNS name"
+)
+
+
+def _parse_port(address: str, text: str) -> int:
+    if not text:
+        raise InvalidAddressError(address, f"missing port after ':'; {_EXAMPLE}")
+    if not _PORT.fullmatch(text):
+        raise InvalidAddressError(address, f"port {text!r} is not a number from 1 to 65535")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise InvalidAddressError(address, f"port {port} is outside 1-65535")
+    return port
+
+
+def _parse_bracketed(address: str) -> tuple[str, str]:
+    end = address.find("]")
+    if end < 0:
+        raise InvalidAddressError(address, f"'[' without a closing ']'; {_EXAMPLE}")
+    text = address[1:end]
+    rest = address[end + 1 :]
+    if not text:
+        raise InvalidAddressError(address, "empty host between '[' and ']'")
+    if not rest.startswith(":"):
+        reason = "missing port after ']'" if not rest else f"unexpected {rest!r} after ']'"
+        raise InvalidAddressError(address, f"{reason}; {_EXAMPLE}")
+    try:
+        ip = ipaddress.IPv6Address(text)
+    except ValueError:
+        if _DOTTED_DIGITS.fullmatch(text):
+            reason = f"brackets are for IPv6 only; write an IPv4 host as {text}:port"
+        else:
+            reason = f"{text!r} in brackets is not an IPv6 address"
+        raise InvalidAddressError(address, reason) from None
+    if ip.is_unspecified or (ip.ipv4_mapped is not None and ip.ipv4_mapped.is_unspecified):
+        raise InvalidAddressError(address, _UNSPECIFIED.format(host=f"[{text}]"))
+    return ip.compressed, rest[1:]
+
+
+def _check_host(address: str, text: str) -> str:
+    if not text:
+        raise InvalidAddressError(address, "empty host; advertise a reachable IP or DNS name")
+    if _DOTTED_DIGITS.fullmatch(text):
+        try:
+            ipv4 = ipaddress.IPv4Address(text)
+        except ValueError:
+            raise InvalidAddressError(address, f"{text!r} is not a valid IPv4 address") from None
+        if ipv4.is_unspecified:
+            raise InvalidAddressError(address, _UNSPECIFIED.format(host=text))
+        return str(ipv4)
+    if not text.isascii():
+        raise InvalidAddressError(
+            address, f"host {text!r} is not ASCII; use its punycode ('xn--') form"
+        )
+    name = text.lower()
+    # A trailing dot marks a fully qualified name and is kept: it changes DNS search.
+    bare = name[:-1] if name.endswith(".") else name
+    if len(bare) > _MAX_NAME_LENGTH:
+        raise InvalidAddressError(
+            address, f"host name is {len(bare)} characters long; the limit is 253"
+        )
+    for label in bare.split("."):
+        if not label:
+            raise InvalidAddressError(address, f"host {text!r} has an empty label ('..')")
+        if len(label) > 63:
+            raise InvalidAddressError(
+                address, f"host label {label[:20]!r}... is longer than 63 characters"
+            )
+        if not _LABEL.fullmatch(label):
+            raise InvalidAddressError(
+                address,
+                f"host label {label!r} may hold only letters, digits and '-' (RFC 1123), "
+                "and may not start or end with '-'",
+            )
+    return name
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``host:port`` into a canonical host (lower case; IPv6 compressed, without
+    brackets) and a port, or raise InvalidAddressError saying what to change."""
+    if not isinstance(address, str):
+        raise InvalidAddressError(repr(address), "an address must be a string")
+    if not address:
+        raise InvalidAddressError(address, f"empty address; {_EXAMPLE}")
+    problem = _bad_char(address, allow_whitespace=False)
+    if problem is not None:
+        raise InvalidAddressError(address, f"contains {problem}")
+    if "://" in address:
+        raise InvalidAddressError(address, f"has a URL scheme; give host:port only, {_EXAMPLE}")
+    if "/" in address:
+        raise InvalidAddressError(address, f"contains '/'; give host:port only, {_EXAMPLE}")
+    if address.startswith("["):
+        host, port_text = _parse_bracketed(address)
+        return host, _parse_port(address, port_text)
+    colons = address.count(":")
+    if colons == 0:
+        raise InvalidAddressError(address, f"missing port; {_EXAMPLE}")
+    if colons > 1:
+        raise InvalidAddressError(
+            address, "an IPv6 host must be in brackets with a port after, e.g. '[::1]:50051'"
+        )
+    host_text, _, port_text = address.partition(":")
+    host = _check_host(address, host_text)
+    return host, _parse_port(address, port_text)
+
+
+def normalize_address(address: str) -> str:
+    """The canonical text of ``address``: lower-case host, compressed IPv6 in brackets."""
+    host, port = parse_address(address)
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+class Status(StrEnum):
+    UP = "up"
+    DRAINING = "draining"
+    UNHEALTHY = "unhealthy"
+
+
+_STATUS_VALUES = frozenset(status.value for status in Status)
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One registered instance as read from etcd.
+
+    ``metadata`` is a read-only copy; nested containers in it are shared, not copied.
+    Equality compares every field, metadata by content; the hash uses (key, revision),
+    which equal instances always share.
+    """
+
+    service: str
+    id: str
+    address: str
+    metadata: Mapping[str, Any]
+    key: str
+    revision: int
+    lease: int = 0
+
+    def __post_init__(self) -> None:
+        # Copy so that a caller mutating its dict cannot change a cached instance.
+        object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
+
+    def __hash__(self) -> int:
+        return hash((self.key, self.revision))
+
+    @property
+    def status(self) -> Status:
+        # Unknown statuses (from newer or foreign writers) count as UP so that an
+        # instance is never dropped over a word this version does not know; the raw
+        # value stays readable in metadata.
+        raw = self.metadata.get("status")
+        if isinstance(raw, str) and raw in _STATUS_VALUES:
+            return Status(raw)
+        return Status.UP
+
+    @property
+    def weight(self) -> int:
+        raw = self.metadata.get("weight")
+        if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
+            return raw
+        return 1
+
+    @property
+    def zone(self) -> str | None:
+        raw = self.metadata.get("zone")
+        return raw if isinstance(raw, str) and raw else None
+
+    @property
+    def healthy(self) -> bool:
+        return self.status is Status.UP
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "service": self.service,
+            "id": self.id,
+            "address": self.address,
+            "metadata": dict(self.metadata),
+        }
+
+
+# One token per escape pair, quote or bracket: escapes are consumed whole so that \" never
+# ends a string, and nothing else needs a look.
+_JSON_TOKENS = re.compile(r'\\.|["\[\]{}]', re.DOTALL)
+
+
+def _too_deep(text: str, limit: int) -> bool:
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    in_string = False
+    for match in _JSON_TOKENS.finditer(text):
+        token = match.group()
+        if in_string:
+            if token == '"':
+                in_string = False
+        elif token == '"':
+            in_string = True
+        elif token in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif token in "]}":
+            depth -= 1
+    return False
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    # Python turns 1e400 into inf, which Go refuses and json.dumps cannot write back.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _loads(text: str) -> Any:
+    """Parse strict JSON no deeper than MAX_JSON_DEPTH; ValueError carries the reason."""
+    if _too_deep(text, MAX_JSON_DEPTH):
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        # Only reachable when the caller is already deep in its own stack.
+        raise ValueError("JSON nested too deeply to parse") from None
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON: {exc}") from None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def encode_value(address: str, metadata: Mapping[str, Any] | None = None) -> bytes:
+    """The etcd value for an instance, in the format Go's naming resolver reads.
+
+    ``address`` is validated and written as given; metadata goes in as a JSON string with
+    sorted keys, or null when empty. Raises ConfigError (InvalidAddressError for the
+    address) when the value cannot be written.
+    """
+    parse_address(address)
+    metadata_text: str | None = None
+    if metadata:
+        if not isinstance(metadata, Mapping):
+            raise ConfigError(f"metadata must be a mapping, not {type(metadata).__name__}")
+        for name in metadata:
+            if not isinstance(name, str):
+                # json.dumps would silently turn 1 into "1" and a reader would not match.
+                raise ConfigError(f"metadata keys must be strings, got {name!r}")
+        try:
+            metadata_text = json.dumps(
+                dict(metadata),
+                separators=(",", ":"),
+                sort_keys=True,
+                ensure_ascii=False,
+                allow_nan=False,
+            )
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ConfigError(f"metadata is not JSON-serializable: {exc}") from None
+        if _too_deep(metadata_text, MAX_JSON_DEPTH):
+            raise ConfigError(f"metadata is nested deeper than {MAX_JSON_DEPTH} levels")
+    document = {"Op": 0, "Addr": address, "Metadata": metadata_text}
+    try:
+        data = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"metadata holds text that is not valid Unicode: {exc}") from None
+    if len(data) > MAX_VALUE_SIZE:
+        raise ConfigError(
+            f"encoded value is {len(data)} bytes; the limit is {MAX_VALUE_SIZE} bytes"
+        )
+    return data
+
+
+def _decode_metadata(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if isinstance(raw, dict):
+        return raw
+    if isinstance(raw, str):
+        try:
+            parsed = _loads(raw)
+        except ValueError:
+            return {"value": raw}
+        return parsed if isinstance(parsed, dict) else {"value": raw}
+    return {"value": raw}
+
+
+def decode_value(key: str, value: bytes) -> tuple[str, dict[str, Any]]:
+    """Read ``(address, metadata)`` from a value; any unusable value raises
+    MalformedValueError and nothing else."""
+    if not isinstance(value, bytes | bytearray):
+        raise MalformedValueError(key, f"value is {type(value).__name__}, not bytes")
+    if len(value) > MAX_VALUE_SIZE:
+        raise MalformedValueError(
+            key, f"value is {len(value)} bytes, over the {MAX_VALUE_SIZE}-byte limit"
+        )
+    try:
+        text = bytes(value).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedValueError(key, f"not valid UTF-8 at byte {exc.start}") from None
+    try:
+        document = _loads(text)
+    except ValueError as exc:
+        raise MalformedValueError(key, str(exc)) from None
+    if not isinstance(document, dict):
+        raise MalformedValueError(key, f"value is {_json_type(document)}, not a JSON object")
+    op = document.get("Op")
+    if op is not None and not (type(op) is int and op == 0):
+        raise MalformedValueError(key, f"Op is {op!r}; a stored value must be an add (Op 0)")
+    if "Addr" not in document:
+        raise MalformedValueError(key, "no Addr field")
+    address = document["Addr"]
+    if not isinstance(address, str):
+        raise MalformedValueError(key, f"Addr is {_json_type(address)}, not a string")
+    if not address:
+        raise MalformedValueError(key, "Addr is empty")
+    try:
+        parse_address(address)
+    except InvalidAddressError as exc:
+        raise MalformedValueError(key, f"Addr {address!r}: {exc.reason}") from None
+    return address, _decode_metadata(document.get("Metadata"))
+
+
+def decode_instance(
+    prefix: str, key: bytes, value: bytes, mod_revision: int, lease: int
+) -> Instance:
+    """Build an Instance from one etcd key-value; MalformedValueError if either is unusable."""
+    try:
+        key_text = key.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedValueError(
+            key.decode("utf-8", "backslashreplace"), "key is not valid UTF-8"
+        ) from None
+    parts = split_key(prefix, key_text)
+    if parts is None:
+        raise MalformedValueError(
+            key_text, f"key is not of the form {validate_prefix(prefix)}/<service>/<id>"
+        )
+    address, metadata = decode_value(key_text, value)
+    return Instance(
+        service=parts[0],
+        id=parts[1],
+        address=address,
+        metadata=metadata,
+        key=key_text,
+        revision=mod_revision,
+        lease=lease,
+    )
+
+
+class EventType(StrEnum):
+    ADDED = "added"
+    UPDATED = "updated"
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeEvent:
+    """One change to the set of instances.
+
+    ADDED: ``previous`` is None. UPDATED: ``previous`` is the instance it replaces.
+    REMOVED: ``instance`` is the last one known and ``previous`` is None.
+    """
+
+    type: EventType
+    instance: Instance
+    previous: Instance | None = field(default=None)
+
+
+def _same_content(a: Instance, b: Instance) -> bool:
+    return a.address == b.address and a.metadata == b.metadata
+
+
+def diff(old: Mapping[str, Instance], new: Mapping[str, Instance]) -> list[ChangeEvent]:
+    """Events turning ``old`` into ``new`` (both keyed by etcd key): removals, then
+    updates, then additions, each in key order. A new revision or lease with the same
+    address and metadata is not an update: clients have nothing to act on."""
+    removed = [ChangeEvent(EventType.REMOVED, old[key]) for key in sorted(old.keys() - new.keys())]
+    updated = [
+        ChangeEvent(EventType.UPDATED, new[key], old[key])
+        for key in sorted(old.keys() & new.keys())
+        if not _same_content(old[key], new[key])
+    ]
+    added = [ChangeEvent(EventType.ADDED, new[key]) for key in sorted(new.keys() - old.keys())]
+    return removed + updated + added
