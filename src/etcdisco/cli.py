@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -267,6 +268,67 @@ def watch(settings: Settings, service: str | None) -> None:
                             click.echo(f"{mark} {_instance_line(ev.instance)}")
                 finally:
                     stopper.cancel()
+
+    run_until_signal(main)
+
+
+@cli.command("etcd")
+@click.option(
+    "--data-dir", type=click.Path(file_okay=False), help="Data directory (default: temporary)."
+)
+@click.option("--port", type=int, help="Client port (default: 2379 if free, else any free port).")
+def etcd_cmd(data_dir: str | None, port: int | None) -> None:
+    """Run a local single-node etcd for development until SIGINT."""
+    from ._local_etcd import LocalEtcd, LocalEtcdError
+
+    if port is None and _port_free(2379):
+        port = 2379
+    try:
+        member = LocalEtcd(data_dir, name="etcdisco-dev", client_port=port)
+        member.start()
+    except LocalEtcdError as exc:
+        fail(str(exc))
+    click.echo(f"etcd {member.version} ready at {member.endpoint} (data in {member.data_dir})")
+    click.echo(f"export ETCDISCO_ENDPOINTS={member.endpoint}")
+
+    async def main(stop: asyncio.Event) -> None:
+        await stop.wait()
+
+    try:
+        run_until_signal(main)
+    finally:
+        member.close()
+        click.echo("etcd stopped")
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@cli.command()
+@click.option("--instances", default=3, show_default=True, type=click.IntRange(2, 9))
+@click.option("--ttl", default=3, show_default=True, type=click.IntRange(2, 30))
+@click.pass_obj
+def demo(settings: Settings, instances: int, ttl: int) -> None:
+    """Register instances, follow them, crash one, stop one (local etcd if needed)."""
+    from ._demo import run_demo
+
+    async def main(stop: asyncio.Event) -> None:
+        task = asyncio.ensure_future(run_demo(settings.endpoints, instances, ttl))
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     run_until_signal(main)
 
