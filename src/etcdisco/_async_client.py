@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -44,6 +45,8 @@ class _Opening(Generic[T]):
 class AsyncClient:
     """Registers instances and discovers services in etcd.
 
+    ``endpoints`` defaults to ``$ETCDISCO_ENDPOINTS``, else ``127.0.0.1:2379``.
+
     >>> async with AsyncClient("127.0.0.1:2379") as client:        # doctest: +SKIP
     ...     async with client.register("echo", "10.0.0.5:50051"):
     ...         async with client.discover("echo") as cache:
@@ -66,6 +69,8 @@ class AsyncClient:
     ) -> None:
         self.prefix = validate_prefix(prefix)
         if etcd is None:
+            # Same default as the CLI: $ETCDISCO_ENDPOINTS, else 127.0.0.1:2379.
+            endpoints = endpoints or os.environ.get("ETCDISCO_ENDPOINTS") or None
             tls = TlsConfig(ca=cacert, cert=cert, key=key) if (cacert or cert or key) else None
             config = EtcdConfig(
                 endpoints=parse_endpoints(endpoints) if endpoints else EtcdConfig().endpoints,

@@ -15,6 +15,7 @@ import grpc
 import grpc.aio
 
 from .._errors import (
+    AuthError,
     ClosedError,
     CompactedError,
     EtcdError,
@@ -460,6 +461,8 @@ class Watch:
             reason = response.cancel_reason or "canceled by etcd"
             if "no leader" in reason:
                 raise UnavailableError(f"watch canceled: {reason}")
+            if "permission denied" in reason or "invalid auth token" in reason:
+                raise AuthError(f"watch canceled: {reason}")
             raise EtcdError(f"watch canceled: {reason}")
 
     def __aiter__(self) -> Watch:

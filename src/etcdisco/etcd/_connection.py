@@ -243,14 +243,16 @@ class Connection:
         metadata = await self._metadata(endpoint, time.monotonic() + self.config.timeout)
         return endpoint, metadata
 
-    def stream_failed(
-        self, endpoint: _Endpoint, exc: BaseException, token_used: str | None
-    ) -> None:
+    def stream_failed(self, endpoint: _Endpoint, exc: BaseException, token_used: str | None) -> None:
         """Bookkeeping after a stream broke, so the next attempt can do better."""
+        # etcd reports a stale token on a stream as an RPC error or, on a watch, as a
+        # cancel reason: "invalid auth token" (3.4) or "permission denied" (3.5 watch
+        # after a restart). Either way the next attempt authenticates again.
+        text = (exc.details() or "") if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+        if "invalid auth token" in text or "permission denied" in text:
+            self._invalidate_token(token_used)
+            return
         if isinstance(exc, grpc.aio.AioRpcError):
-            if _is_invalid_token(exc):
-                self._invalidate_token(token_used)
-                return
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 self.mark_failed(endpoint)
                 self.note_failure()

@@ -1,0 +1,73 @@
+"""The command line, run as a user runs it: a subprocess against a real etcd."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+from etcdisco import AsyncClient, EventType
+
+from .._util import wait_event
+
+
+def run(*args: str, env_endpoint: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "etcdisco", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+async def test_register_list_watch(etcd) -> None:
+    ep = etcd.endpoint
+    async with AsyncClient(ep) as c, c.discover("echo") as cache:
+        await cache.wait_ready(5)
+        events = cache.events()
+        reg = subprocess.Popen(
+            [sys.executable, "-m", "etcdisco", "--endpoints", ep, "register", "echo",
+             "127.0.0.1:7001", "--meta", "zone=a", "--meta", "weight=3", "--ttl", "5"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "etcdisco", "--endpoints", ep, "--json", "watch", "echo"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            await wait_event(events, EventType.ADDED, "services/echo/127.0.0.1:7001", 15)
+
+            listed = run("--endpoints", ep, "--json", "list", "echo")
+            assert listed.returncode == 0, listed.stderr
+            rows = [json.loads(line) for line in listed.stdout.splitlines()]
+            assert rows == [{
+                "service": "echo", "id": "127.0.0.1:7001", "address": "127.0.0.1:7001",
+                "metadata": {"zone": "a", "weight": 3},
+            }]
+            table = run("--endpoints", ep, "list")
+            assert "127.0.0.1:7001" in table.stdout and "zone=a" in table.stdout
+
+            reg.send_signal(signal.SIGINT)
+            assert reg.wait(10) == 0
+            assert "deregistered services/echo/127.0.0.1:7001" in (reg.stdout.read() if reg.stdout else "")
+            await wait_event(events, EventType.REMOVED, "services/echo/127.0.0.1:7001", 5)
+            watcher.send_signal(signal.SIGINT)
+            out, _ = watcher.communicate(timeout=10)
+            kinds = [json.loads(line)["event"] for line in out.splitlines()]
+            assert "removed" in kinds, out
+            assert watcher.returncode == 0
+        finally:
+            for p in (reg, watcher):
+                p.kill()
+                p.wait()
+
+
+def test_unreachable_etcd_is_one_clear_line() -> None:
+    res = run("--endpoints", "127.0.0.1:1", "--timeout", "1", "list")
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("etcdisco: error:") and "127.0.0.1:1" in lines[0]
+
+
+def test_bad_address_names_the_address() -> None:
+    res = run("--endpoints", "127.0.0.1:1", "register", "echo", "10.0.0.5")
+    assert res.returncode != 0
+    assert "10.0.0.5" in res.stderr and res.stderr.count("\n") == 1, res.stderr
