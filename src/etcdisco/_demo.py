@@ -156,9 +156,7 @@ async def run_demo(endpoints: str, instances: int = 3, ttl: int = 3) -> None:
                 stopped = time.monotonic()
                 await _until(events, EventType.REMOVED, graceful, 10, clock)
                 took_ms = (time.monotonic() - stopped) * 1000
-                clock.say(
-                    f"{graceful} vanished {took_ms:.0f} ms after SIGTERM (deregistered)"
-                )
+                clock.say(f"{graceful} vanished {took_ms:.0f} ms after SIGTERM (deregistered)")
                 _show(cache, clock)
                 picks = [picker.pick(cache.instances()) for _ in range(3)]
                 clock.say("picks now: " + ", ".join(p.address for p in picks if p is not None))

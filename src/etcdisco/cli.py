@@ -276,7 +276,9 @@ def watch(settings: Settings, service: str | None) -> None:
 @click.option(
     "--data-dir", type=click.Path(file_okay=False), help="Data directory (default: temporary)."
 )
-@click.option("--port", type=int, help="Client port (default: 2379 if free, else any free port).")
+@click.option(
+    "--port", type=int, help="Client port (default: 2379 if free, else any free port; 0: any)."
+)
 def etcd_cmd(data_dir: str | None, port: int | None) -> None:
     """Run a local single-node etcd for development until SIGINT."""
     from ._local_etcd import LocalEtcd, LocalEtcdError
@@ -284,7 +286,7 @@ def etcd_cmd(data_dir: str | None, port: int | None) -> None:
     if port is None and _port_free(2379):
         port = 2379
     try:
-        member = LocalEtcd(data_dir, name="etcdisco-dev", client_port=port)
+        member = LocalEtcd(data_dir, name="etcdisco-dev", client_port=port or None)
         member.start()
     except LocalEtcdError as exc:
         fail(str(exc))

@@ -292,7 +292,8 @@ class ServiceCache:
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the first list has been loaded."""
         try:
-            await asyncio.wait_for(self._watcher.wait_ready(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._watcher.wait_ready()
         except TimeoutError:
             err = self._watcher.last_error
             detail = f": {err}" if err else ""

@@ -32,6 +32,7 @@ from ._errors import (
     ClosedError,
     ConfigError,
     EtcdError,
+    EtcdTimeoutError,
     LeaseNotFoundError,
     RegistrationError,
 )
@@ -153,7 +154,12 @@ class Registration:
         if self._state is RegistrationState.CLOSED:
             return
         try:
-            await asyncio.wait_for(self._keeper.detach(self), timeout)
+            async with asyncio.timeout(timeout):
+                await self._keeper.detach(self)
+        except TimeoutError as exc:
+            if isinstance(exc, EtcdError):
+                raise
+            raise EtcdTimeoutError(f"deregistering {self.key} took over {timeout}s") from None
         finally:
             self._set_state(RegistrationState.CLOSED)
 
@@ -240,7 +246,8 @@ class LeaseKeeper:
         """Deregister everything (bounded), then stop."""
         regs = list(self._registrations.values())
         with contextlib.suppress(EtcdError, TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(r.deregister(timeout) for r in regs)), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(r.deregister(timeout) for r in regs))
         self._closed = True
         await self._stop_task()
 
@@ -283,7 +290,8 @@ class LeaseKeeper:
                 await self._heal()
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self._tick(interval)

@@ -20,8 +20,18 @@ from .._util import eventually, wait_event
 
 def _spawn_register(endpoint: str, address: str, ttl: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "etcdisco", "--endpoints", endpoint, "register", "echo", address,
-         "--ttl", str(ttl)],
+        [
+            sys.executable,
+            "-m",
+            "etcdisco",
+            "--endpoints",
+            endpoint,
+            "register",
+            "echo",
+            address,
+            "--ttl",
+            str(ttl),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -100,7 +110,9 @@ async def test_etcd_down_longer_than_ttl_then_back(etcd) -> None:
 
         await eventually(all_back, 20, "registrations did not all come back in etcd")
         for r in regs:
-            await eventually(lambda r=r: r.state is RegistrationState.REGISTERED, 10, f"{r.key} state")
+            await eventually(
+                lambda r=r: r.state is RegistrationState.REGISTERED, 10, f"{r.key} state"
+            )
             got = await client.etcd.get(r.key)
             info = await client.etcd.lease_time_to_live(got.kvs[0].lease)
             assert info.ttl > 0, f"{r.key} must be bound to a live lease"
@@ -137,7 +149,10 @@ async def test_keepalive_cut_shorter_than_ttl_keeps_the_lease(etcd, proxy) -> No
 
 async def test_keepalive_cut_longer_than_ttl_recreates_the_registration(etcd, proxy) -> None:
     ttl = 2
-    async with AsyncClient(proxy.endpoint, timeout=1.0) as server, AsyncClient(etcd.endpoint) as direct:
+    async with (
+        AsyncClient(proxy.endpoint, timeout=1.0) as server,
+        AsyncClient(etcd.endpoint) as direct,
+    ):
         reg = await server.register("echo", "127.0.0.1:9301", ttl=ttl)
         lost = asyncio.Event()
         reg.add_listener(lambda _r, s: lost.set() if s is RegistrationState.LOST else None)
@@ -187,11 +202,14 @@ async def test_compaction_while_cache_disconnected_converges(etcd, proxy) -> Non
 
         seen = {
             (ev.type, ev.instance.key)
-            for ev in [await wait_event(events, t, k, 15) for t, k in (
-                (EventType.REMOVED, leave.key),
-                (EventType.UPDATED, change.key),
-                (EventType.ADDED, new.key),
-            )]
+            for ev in [
+                await wait_event(events, t, k, 15)
+                for t, k in (
+                    (EventType.REMOVED, leave.key),
+                    (EventType.UPDATED, change.key),
+                    (EventType.ADDED, new.key),
+                )
+            ]
         }
         assert len(seen) == 3
         assert cache.resyncs >= 1, "the cache must have re-listed after the compaction"

@@ -20,27 +20,33 @@ from .._util import eventually, wait_event
 
 
 async def test_register_then_discover_round_trip(etcd) -> None:
-    async with AsyncClient(etcd.endpoint) as server, AsyncClient(etcd.endpoint) as client:
-        async with client.discover("echo") as cache:
-            await cache.wait_ready(5)
-            events = cache.events()
-            reg = await server.register("echo", "10.0.0.5:50051", metadata={"zone": "a"}, ttl=5)
-            assert reg.state is RegistrationState.REGISTERED
-            ev = await wait_event(events, EventType.ADDED, reg.key, 5)
-            assert ev.instance.address == "10.0.0.5:50051"
-            assert ev.instance.zone == "a"
-            assert ev.instance.lease == reg.lease_id
-            assert [i.key for i in cache.instances()] == ["services/echo/10.0.0.5:50051"]
-            # Read back with etcd's own tool too.
-            raw = etcd.etcdctl("get", reg.key, "--print-value-only").stdout.strip()
-            assert json.loads(raw)["Addr"] == "10.0.0.5:50051"
+    async with (
+        AsyncClient(etcd.endpoint) as server,
+        AsyncClient(etcd.endpoint) as client,
+        client.discover("echo") as cache,
+    ):
+        await cache.wait_ready(5)
+        events = cache.events()
+        reg = await server.register("echo", "10.0.0.5:50051", metadata={"zone": "a"}, ttl=5)
+        assert reg.state is RegistrationState.REGISTERED
+        ev = await wait_event(events, EventType.ADDED, reg.key, 5)
+        assert ev.instance.address == "10.0.0.5:50051"
+        assert ev.instance.zone == "a"
+        assert ev.instance.lease == reg.lease_id
+        assert [i.key for i in cache.instances()] == ["services/echo/10.0.0.5:50051"]
+        # Read back with etcd's own tool too.
+        raw = etcd.etcdctl("get", reg.key, "--print-value-only").stdout.strip()
+        assert json.loads(raw)["Addr"] == "10.0.0.5:50051"
 
 
 async def test_value_in_etcd_is_etcds_naming_format(etcd) -> None:
     async with AsyncClient(etcd.endpoint) as c:
         await c.register("echo", "10.0.0.5:50051", metadata={"zone": "a"}, ttl=5)
         got = await c.etcd.get("services/echo/10.0.0.5:50051")
-        assert got.kvs[0].value == b'{"Op":0,"Addr":"10.0.0.5:50051","Metadata":"{\\"zone\\":\\"a\\"}"}'
+        assert (
+            got.kvs[0].value
+            == b'{"Op":0,"Addr":"10.0.0.5:50051","Metadata":"{\\"zone\\":\\"a\\"}"}'
+        )
 
 
 async def test_deregister_removes_at_once_and_revokes_lease(etcd) -> None:

@@ -363,7 +363,8 @@ class KeepAliveStream:
         breaks (the next call opens a new one)."""
         async with self._lock:
             try:
-                return await asyncio.wait_for(self._round_trip(lease_id), timeout)
+                async with asyncio.timeout(timeout):
+                    return await self._round_trip(lease_id)
             except TimeoutError:
                 self._fail(EtcdTimeoutError("keepalive got no answer"))
                 raise EtcdTimeoutError(
@@ -425,7 +426,8 @@ class Watch:
     async def start(self, timeout: float | None = None) -> Watch:
         budget = self._conn.config.timeout if timeout is None else timeout
         try:
-            await asyncio.wait_for(self._open(), budget)
+            async with asyncio.timeout(budget):
+                await self._open()
         except TimeoutError:
             self._fail(EtcdTimeoutError("watch create timed out"))
             raise EtcdTimeoutError(f"watch was not created within {budget:.1f}s") from None

@@ -243,7 +243,9 @@ class Connection:
         metadata = await self._metadata(endpoint, time.monotonic() + self.config.timeout)
         return endpoint, metadata
 
-    def stream_failed(self, endpoint: _Endpoint, exc: BaseException, token_used: str | None) -> None:
+    def stream_failed(
+        self, endpoint: _Endpoint, exc: BaseException, token_used: str | None
+    ) -> None:
         """Bookkeeping after a stream broke, so the next attempt can do better."""
         # etcd reports a stale token on a stream as an RPC error or, on a watch, as a
         # cancel reason: "invalid auth token" (3.4) or "permission denied" (3.5 watch

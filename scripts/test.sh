@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The full check, as CI runs it: setup, lint, type check, tests.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k etcd3.5 -x).
+# Every step runs even when an earlier one fails, so one run shows every problem;
+# the exit status is non-zero if any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh || { echo "test.sh: setup failed" >&2; exit 1; }
+
+failed=()
+step() {
+    local name=$1
+    shift
+    printf '\n==== %s: %s\n' "$name" "$*"
+    if ! "$@"; then
+        failed+=("$name")
+    fi
+}
+
+step ruff .venv/bin/ruff check .
+step ruff-format .venv/bin/ruff format --check .
+step mypy .venv/bin/mypy
+step pytest .venv/bin/pytest -q -p no:cacheprovider "$@"
+
+if [ "${#failed[@]}" -gt 0 ]; then
+    printf '\ntest.sh: FAILED: %s\n' "${failed[*]}" >&2
+    exit 1
+fi
+printf '\ntest.sh: all steps passed\n'
