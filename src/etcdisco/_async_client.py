@@ -8,8 +8,15 @@ import os
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
-from ._errors import ClosedError
-from ._model import DEFAULT_PREFIX, service_prefix, validate_prefix, validate_service_name
+from ._errors import ClosedError, MalformedValueError
+from ._model import (
+    DEFAULT_PREFIX,
+    Instance,
+    decode_instance,
+    service_prefix,
+    validate_prefix,
+    validate_service_name,
+)
 from .discovery import PrefixWatcher, ServiceCache
 from .etcd import EtcdClient, EtcdConfig, TlsConfig, parse_endpoints
 from .registry import LeaseKeeper, Registration, make_registration, validate_ttl
@@ -139,6 +146,27 @@ class AsyncClient:
     def discover_all(self) -> _Opening[ServiceCache]:
         """A cache of every instance of every service under the prefix."""
         return _Opening(lambda: self._open_cache(self.prefix + "/", None))
+
+    async def list_instances(self, service: str | None = None) -> tuple[Instance, ...]:
+        """One read of etcd, no cache: the instances of ``service`` (or of all).
+
+        Malformed values are skipped, as in a cache."""
+        self._check_open()
+        key_prefix = (
+            service_prefix(self.prefix, validate_service_name(service))
+            if service
+            else self.prefix + "/"
+        )
+        result = await self.etcd.get(key_prefix, prefix=True)
+        found: list[Instance] = []
+        for kv in result.kvs:
+            try:
+                found.append(
+                    decode_instance(self.prefix, kv.key, kv.value, kv.mod_revision, kv.lease)
+                )
+            except MalformedValueError as exc:
+                log.warning("skipping %s", exc)
+        return tuple(sorted(found, key=lambda i: (i.service, i.id)))
 
     async def _open_cache(self, key_prefix: str, service: str | None) -> ServiceCache:
         self._check_open()

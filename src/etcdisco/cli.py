@@ -210,10 +210,7 @@ def list_(settings: Settings, service: str | None) -> None:
 
     async def main(stop: asyncio.Event) -> list[Instance]:
         async with settings.client() as client:
-            opening = client.discover(service) if service else client.discover_all()
-            async with opening as cache:
-                await cache.wait_ready(settings.timeout)
-                return list(cache.instances())
+            return list(await client.list_instances(service))
 
     instances = run_until_signal(main)
     if settings.json:

@@ -96,6 +96,10 @@ class PrefixWatcher:
         await self._ready.wait()
 
     @property
+    def endpoints(self) -> str:
+        return ", ".join(self._etcd.endpoints)
+
+    @property
     def last_error(self) -> BaseException | None:
         return self._last_error
 
@@ -296,7 +300,7 @@ class ServiceCache:
                 await self._watcher.wait_ready()
         except TimeoutError:
             err = self._watcher.last_error
-            detail = f": {err}" if err else ""
+            detail = f": {err}" if err else f" (etcd endpoints: {self._watcher.endpoints})"
             raise EtcdTimeoutError(
                 f"cache for {self._watcher.key_prefix} not ready after {timeout}s{detail}"
             ) from None
