@@ -198,6 +198,7 @@ class LeaseKeeper:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()  # serializes lease (re)creation and writes
         self._last_ack = 0.0
+        self._abandoned: int | None = None
         self._closed = False
 
     @property
@@ -327,6 +328,7 @@ class LeaseKeeper:
             await self._verify_keys(lease)
 
     def _lose_lease(self) -> None:
+        self._abandoned = self.lease_id
         self.lease_id = None
         self._set_all(RegistrationState.LOST)
 
@@ -335,7 +337,9 @@ class LeaseKeeper:
         while self._registrations and not self._closed:
             try:
                 async with self._lock:
-                    await self._grant()
+                    # attach() may have granted one meanwhile: reuse it.
+                    if self.lease_id is None:
+                        await self._grant()
                     for reg in list(self._registrations.values()):
                         await self._put(reg)
                         reg.re_registrations += 1
@@ -349,12 +353,21 @@ class LeaseKeeper:
                 continue
             self._backoff.reset()
             self._set_all(RegistrationState.REGISTERED)
+            await self._revoke_abandoned()
             log.info(
                 "re-registered %d instance(s) under lease %x",
                 len(self._registrations),
                 self.lease_id,
             )
             return
+
+    async def _revoke_abandoned(self) -> None:
+        """A lease given up for silence may still live (etcd keeps leases across its
+        own restarts); it holds no keys now, so revoke it rather than wait a TTL."""
+        old, self._abandoned = self._abandoned, None
+        if old is not None and old != self.lease_id:
+            with contextlib.suppress(EtcdError):
+                await self._etcd.lease_revoke(old, timeout=1.0)
 
     async def _verify_keys(self, lease: int) -> None:
         """Put back keys that were deleted from outside while the lease lives."""
