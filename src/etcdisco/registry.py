@@ -216,9 +216,19 @@ class LeaseKeeper:
             async with self._lock:
                 if self.lease_id is None:
                     await self._grant()
-                await self._put(reg)
+                try:
+                    await self._put(reg)
+                except LeaseNotFoundError:
+                    # The lease died unseen (no keepalive runs while nothing is attached).
+                    await self._grant()
+                    await self._put(reg)
         except BaseException:
             self._registrations.pop(reg.key, None)
+            if not self._registrations and self.lease_id is not None:
+                # Nothing keeps this lease alive now: let the next attach start afresh.
+                self._abandoned, self.lease_id = self.lease_id, None
+                with contextlib.suppress(EtcdError):
+                    await self._revoke_abandoned()
             raise
         reg._set_state(RegistrationState.REGISTERED)
         self._ensure_task()
