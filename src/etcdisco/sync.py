@@ -266,6 +266,10 @@ class Client:
 
         return SyncRegistration(self, self._run(open_()))
 
+    def list_instances(self, service: str | None = None) -> tuple[Instance, ...]:
+        """One read of etcd, no cache (see :meth:`AsyncClient.list_instances`)."""
+        return self._run(self._async.list_instances(service))
+
     def discover(self, service: str) -> SyncServiceCache:
         async def open_() -> ServiceCache:
             return await self._async.discover(service)

@@ -35,3 +35,11 @@ def test_sync_round_trip_and_callbacks_off_the_loop(etcd) -> None:
         ev = cache.next_event(timeout=5)
         assert ev is not None and ev.type is EventType.REMOVED
         cache.close()
+
+
+def test_sync_list_instances(etcd) -> None:
+    with Client(etcd.endpoint) as c:
+        c.register("a", "127.0.0.1:8101", ttl=5)
+        c.register("b", "127.0.0.1:8102", ttl=5)
+        assert [i.address for i in c.list_instances("a")] == ["127.0.0.1:8101"]
+        assert [i.service for i in c.list_instances()] == ["a", "b"]
