@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""Regenerate (or check) the Python modules for etcdisco's etcd v3 API subset.
+"""Regenerate (or check) the committed protobuf modules.
 
-Input:   src/etcdisco/etcd/_proto/rpc.proto
-Outputs: src/etcdisco/etcd/_proto/rpc_pb2.py, rpc_pb2_grpc.py, rpc_pb2.pyi
+Targets (each proto's modules are written next to it):
+  src/etcdisco/etcd/_proto/rpc.proto   etcdisco's etcd v3 API subset
+  tests/grpc_echo/echo.proto           the echo service of the gRPC tests
 
     python scripts/gen_proto.py            # regenerate in place
     python scripts/gen_proto.py --check    # exit 1 if the committed files are stale
 
-protoc runs with ``-I src`` on ``etcdisco/etcd/_proto/rpc.proto`` so the
-generated gRPC module imports its messages absolutely
-(``from etcdisco.etcd._proto import rpc_pb2``).
+protoc runs with ``-I`` at the root the package is imported from (``src`` for
+etcdisco, the repository for the tests) so each generated gRPC module imports its
+messages absolutely (``from etcdisco.etcd._proto import rpc_pb2``,
+``from tests.grpc_echo import echo_pb2``).
 
 Why grpcio-tools is pinned to 1.66.x: the generated code embeds the versions
 of the generator and checks them at import time. grpcio-tools 1.66.x bundles
@@ -29,15 +31,32 @@ import filecmp
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 REQUIRED_GRPC_TOOLS_SERIES = "1.66."
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
-PACKAGE_DIR = Path("etcdisco", "etcd", "_proto")
-PROTO = PACKAGE_DIR / "rpc.proto"
-GENERATED = ("rpc_pb2.py", "rpc_pb2_grpc.py", "rpc_pb2.pyi")
+
+
+@dataclass(frozen=True)
+class Target:
+    include: Path  # the -I root, which is also where the outputs land
+    proto: Path  # relative to ``include``
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        stem = self.proto.with_suffix("")
+        return tuple(
+            stem.with_name(stem.name + suffix) for suffix in ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
+        )
+
+
+TARGETS = (
+    Target(SRC, Path("etcdisco", "etcd", "_proto", "rpc.proto")),
+    Target(ROOT, Path("tests", "grpc_echo", "echo.proto")),
+)
 
 
 def _grpc_tools_version() -> str | None:
@@ -86,48 +105,49 @@ def _require_grpc_tools() -> None:
     sys.exit(result.returncode)
 
 
-def _generate(out_root: Path) -> None:
-    """Run protoc, writing the modules under ``out_root/etcdisco/etcd/_proto``."""
+def _generate(target: Target, out_root: Path) -> None:
+    """Run protoc on ``target``, writing its modules under ``out_root``."""
     cmd = [
         sys.executable,
         "-m",
         "grpc_tools.protoc",
-        f"-I{SRC}",
+        f"-I{target.include}",
         f"--python_out={out_root}",
         f"--pyi_out={out_root}",
         f"--grpc_python_out={out_root}",
-        str(SRC / PROTO),
+        str(target.include / target.proto),
     ]
     result = subprocess.run(cmd, check=False)
     if result.returncode != 0:
         sys.exit(f"gen_proto: protoc failed with exit code {result.returncode}")
-    missing = [name for name in GENERATED if not (out_root / PACKAGE_DIR / name).is_file()]
+    missing = [str(name) for name in target.outputs if not (out_root / name).is_file()]
     if missing:
         sys.exit(f"gen_proto: protoc did not produce {', '.join(missing)}")
 
 
-def _check() -> int:
-    committed_dir = SRC / PACKAGE_DIR
+def _stale(target: Target) -> list[Path]:
     with tempfile.TemporaryDirectory(prefix="etcdisco-gen-proto-") as tmp:
-        fresh_dir = Path(tmp) / PACKAGE_DIR
-        fresh_dir.mkdir(parents=True)
-        _generate(Path(tmp))
-        stale = [
-            name
-            for name in GENERATED
-            if not (committed_dir / name).is_file()
-            or not filecmp.cmp(fresh_dir / name, committed_dir / name, shallow=False)
+        _generate(target, Path(tmp))
+        return [
+            target.include / name
+            for name in target.outputs
+            if not (target.include / name).is_file()
+            or not filecmp.cmp(Path(tmp) / name, target.include / name, shallow=False)
         ]
+
+
+def _check() -> int:
+    stale = [path for target in TARGETS for path in _stale(target)]
     if stale:
-        for name in stale:
-            print(f"stale: {(SRC / PACKAGE_DIR / name).relative_to(ROOT)}", file=sys.stderr)
+        for path in stale:
+            print(f"stale: {path.relative_to(ROOT)}", file=sys.stderr)
         print(
-            f"gen_proto: generated code does not match {PROTO.as_posix()}; "
+            "gen_proto: generated code does not match its .proto; "
             "run `python scripts/gen_proto.py` and commit the result.",
             file=sys.stderr,
         )
         return 1
-    print(f"gen_proto: {', '.join(GENERATED)} are up to date.")
+    print("gen_proto: every generated module is up to date.")
     return 0
 
 
@@ -142,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     _require_grpc_tools()
     if args.check:
         return _check()
-    _generate(SRC)
-    for name in GENERATED:
-        print(f"wrote {(SRC / PACKAGE_DIR / name).relative_to(ROOT)}")
+    for target in TARGETS:
+        _generate(target, target.include)
+        for name in target.outputs:
+            print(f"wrote {(target.include / name).relative_to(ROOT)}")
     return 0
 
 

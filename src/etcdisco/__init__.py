@@ -21,6 +21,7 @@ from ._errors import (
     RegistrationError,
     UnavailableError,
 )
+from ._expiry import ExpiryProtection
 from ._model import (
     DEFAULT_PREFIX,
     ChangeEvent,
@@ -30,9 +31,21 @@ from ._model import (
     decode_value,
     encode_value,
     parse_address,
+    usable,
 )
-from .balancing import Picker, Random, RoundRobin, make_picker
+from .balancing import (
+    BasePicker,
+    Picker,
+    PowerOfTwoChoices,
+    Random,
+    RingHash,
+    RoundRobin,
+    WeightedRoundRobin,
+    ZoneAware,
+    make_picker,
+)
 from .discovery import CacheState, ServiceCache
+from .outlier import OutlierDetector
 from .registry import Registration, RegistrationState
 from .sync import Client, SyncRegistration, SyncServiceCache
 
@@ -42,6 +55,7 @@ __all__ = [
     "DEFAULT_PREFIX",
     "AsyncClient",
     "AuthError",
+    "BasePicker",
     "CacheState",
     "ChangeEvent",
     "Client",
@@ -52,24 +66,31 @@ __all__ = [
     "EtcdTimeoutError",
     "EtcdiscoError",
     "EventType",
+    "ExpiryProtection",
     "Instance",
     "InvalidAddressError",
     "LeaseNotFoundError",
     "MalformedValueError",
+    "OutlierDetector",
     "Picker",
+    "PowerOfTwoChoices",
     "Random",
     "Registration",
     "RegistrationError",
     "RegistrationState",
+    "RingHash",
     "RoundRobin",
     "ServiceCache",
     "Status",
     "SyncRegistration",
     "SyncServiceCache",
     "UnavailableError",
+    "WeightedRoundRobin",
+    "ZoneAware",
     "__version__",
     "decode_value",
     "encode_value",
     "make_picker",
     "parse_address",
+    "usable",
 ]

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from ._errors import ClosedError, MalformedValueError
+from ._expiry import DEFAULT_EXPIRY_PROTECTION, ExpiryProtection
 from ._model import (
     DEFAULT_PREFIX,
     Instance,
@@ -19,6 +20,7 @@ from ._model import (
 )
 from .discovery import PrefixWatcher, ServiceCache
 from .etcd import EtcdClient, EtcdConfig, TlsConfig, parse_endpoints
+from .health import Check
 from .registry import LeaseKeeper, Registration, make_registration, validate_ttl
 
 log = logging.getLogger("etcdisco")
@@ -73,8 +75,11 @@ class AsyncClient:
         password: str | None = None,
         timeout: float = 5.0,
         etcd: EtcdClient | None = None,
+        expiry_protection: ExpiryProtection | None = DEFAULT_EXPIRY_PROTECTION,
     ) -> None:
         self.prefix = validate_prefix(prefix)
+        # None turns mass-expiry protection off for every cache of this client.
+        self.expiry_protection = expiry_protection
         if etcd is None:
             # Same default as the CLI: $ETCDISCO_ENDPOINTS, else 127.0.0.1:2379.
             endpoints = endpoints or os.environ.get("ETCDISCO_ENDPOINTS") or None
@@ -106,11 +111,17 @@ class AsyncClient:
         instance_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         ttl: int = 10,
+        checks: Sequence[Check] = (),
+        on_failing: str = "mark",
     ) -> _Opening[Registration]:
         """Register an instance; it stays registered (and heals) until deregistered.
 
         Input is validated before anything is written. Await it, or use it as an
-        async context manager to deregister on exit.
+        async context manager to deregister on exit. With ``checks``
+        (:mod:`etcdisco.health`), the instance is probed once before the first write
+        and then on the checks' schedule; while failing it is written with status
+        ``unhealthy`` (``on_failing="mark"``) or its key is withdrawn
+        (``on_failing="withdraw"``), under the same lease either way.
         """
         ttl = validate_ttl(ttl)
 
@@ -126,8 +137,10 @@ class AsyncClient:
                 address=address,
                 instance_id=instance_id,
                 metadata=metadata,
+                checks=checks,
+                on_failing=on_failing,
             )
-            await keeper.attach(reg)
+            await reg._open()
             return reg
 
         return _Opening(open_)
@@ -173,7 +186,11 @@ class AsyncClient:
         watcher = self._watchers.get(key_prefix)
         if watcher is None:
             watcher = self._watchers[key_prefix] = PrefixWatcher(
-                self.etcd, self.prefix, key_prefix, on_idle=self._forget_watcher
+                self.etcd,
+                self.prefix,
+                key_prefix,
+                on_idle=self._forget_watcher,
+                expiry=self.expiry_protection,
             )
         cache = ServiceCache(watcher, service)
         watcher.subscribe(cache)

@@ -16,7 +16,7 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
@@ -294,6 +294,11 @@ class Instance:
     key: str
     revision: int
     lease: int = 0
+    suspect: bool = False
+    """Gone from etcd through lease expiry during a mass expiry, and kept by the cache
+    for a bounded time (see ``ExpiryProtection``). A suspect is not ``healthy``, so a
+    picker that only knows ``healthy`` never sends it traffic; pickers that filter with
+    :func:`usable` fall back to suspects when nothing live is left."""
 
     def __post_init__(self) -> None:
         # Copy so that a caller mutating its dict cannot change a cached instance.
@@ -326,15 +331,29 @@ class Instance:
 
     @property
     def healthy(self) -> bool:
-        return self.status is Status.UP
+        """Up by its own account and still in etcd (not a suspect)."""
+        return self.status is Status.UP and not self.suspect
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "service": self.service,
             "id": self.id,
             "address": self.address,
             "metadata": dict(self.metadata),
         }
+        if self.suspect:
+            out["suspect"] = True
+        return out
+
+
+def usable(instances: Iterable[Instance]) -> tuple[Instance, ...]:
+    """The instances a picker may choose from: the healthy ones, or, when none is
+    left, the suspects kept after a mass expiry whose last word was "up"."""
+    items = list(instances)
+    healthy = tuple(i for i in items if i.healthy)
+    if healthy:
+        return healthy
+    return tuple(i for i in items if i.suspect and i.status is Status.UP)
 
 
 # One token per escape pair, quote or bracket: escapes are consumed whole so that \" never
@@ -539,7 +558,7 @@ class ChangeEvent:
 
 
 def _same_content(a: Instance, b: Instance) -> bool:
-    return a.address == b.address and a.metadata == b.metadata
+    return a.address == b.address and a.metadata == b.metadata and a.suspect == b.suspect
 
 
 def diff(old: Mapping[str, Instance], new: Mapping[str, Instance]) -> list[ChangeEvent]:

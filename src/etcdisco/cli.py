@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from ._async_client import AsyncClient
+from ._cli_agent import HealthOptions, agent_cmd, health_options
 from ._errors import EtcdiscoError
 from ._model import ChangeEvent, Instance
 from .etcd import DEFAULT_ENDPOINT
@@ -149,6 +150,7 @@ def cli(
 @click.option("--id", "instance_id", help="Instance id (default: the address).")
 @click.option("--meta", multiple=True, metavar="K=V", help="Metadata entry; repeatable.")
 @click.option("--ttl", default=10, show_default=True, help="Lease TTL in seconds (>= 2).")
+@health_options
 @click.pass_obj
 def register(
     settings: Settings,
@@ -157,6 +159,7 @@ def register(
     instance_id: str | None,
     meta: tuple[str, ...],
     ttl: int,
+    health: HealthOptions,
 ) -> None:
     """Register SERVICE at ADDRESS and keep it alive until SIGINT/SIGTERM."""
     metadata = _parse_meta(meta)
@@ -164,7 +167,13 @@ def register(
     async def main(stop: asyncio.Event) -> None:
         async with settings.client() as client:
             reg = await client.register(
-                service, address, instance_id=instance_id, metadata=metadata, ttl=ttl
+                service,
+                address,
+                instance_id=instance_id,
+                metadata=metadata,
+                ttl=ttl,
+                checks=health.checks,
+                on_failing=health.on_failing,
             )
             _say_registered(settings, reg)
 
@@ -330,6 +339,16 @@ def demo(settings: Settings, instances: int, ttl: int) -> None:
             await task
 
     run_until_signal(main)
+
+
+from ._cli_balancing import resolve_cmd  # noqa: E402
+
+cli.add_command(resolve_cmd)
+cli.add_command(agent_cmd)
+
+from ._cli_xds import xds_cmd  # noqa: E402
+
+cli.add_command(xds_cmd)
 
 
 def main() -> None:

@@ -6,6 +6,9 @@ watch. The loop lists the prefix at revision R, watches from R + 1, and after an
 break resumes from the last delivered event's revision + 1. A compaction makes it
 re-list and emit only the difference. Errors never empty the cache: while etcd is
 unreachable the last known instances stay served and the state says ``stale``.
+
+With :class:`~etcdisco.ExpiryProtection` (on by default), instances that vanish by
+lease expiry together are kept as ``suspect`` for a while (see ``_expiry``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from ._backoff import Backoff
 from ._errors import ClosedError, CompactedError, EtcdError, EtcdTimeoutError, MalformedValueError
+from ._expiry import ExpiryGuard, ExpiryProtection
 from ._model import ChangeEvent, EventType, Instance, decode_instance, diff
 from .etcd import EtcdClient, KeyValue, Watch, WatchEventType
 
@@ -50,6 +54,7 @@ class PrefixWatcher:
         key_prefix: str,
         *,
         on_idle: Callable[[PrefixWatcher], None],
+        expiry: ExpiryProtection | None = None,
     ) -> None:
         self._etcd = etcd
         self.root = root  # the registry prefix, e.g. "services"
@@ -67,6 +72,13 @@ class PrefixWatcher:
         self._task: asyncio.Task[None] | None = None
         self._backoff = Backoff(initial=0.1, maximum=5.0)
         self._last_error: BaseException | None = None
+        self._expiry = ExpiryGuard(expiry) if expiry is not None else None
+        self._expiry_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def expiry_protections(self) -> int:
+        """How many times mass-expiry protection engaged."""
+        return self._expiry.engagements if self._expiry is not None else 0
 
     # -- subscribers ---------------------------------------------------------------
 
@@ -85,6 +97,9 @@ class PrefixWatcher:
             await self.stop()
 
     async def stop(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -113,9 +128,25 @@ class PrefixWatcher:
             cache._state_changed(state)
 
     def _publish(self, events: list[ChangeEvent]) -> None:
+        if self._expiry is not None:
+            self._schedule_expiry()
         if events:
             for cache in list(self._subscribers):
                 cache._deliver(events)
+
+    def _schedule_expiry(self) -> None:
+        assert self._expiry is not None
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        delay = self._expiry.seconds_to_next()
+        if delay is not None and self._task is not None:
+            self._expiry_timer = asyncio.get_running_loop().call_later(delay, self._expire_due)
+
+    def _expire_due(self) -> None:
+        self._expiry_timer = None
+        if self._expiry is not None:
+            self._publish(self._expiry.expire(self.instances))
 
     # -- the loop ------------------------------------------------------------------
 
@@ -161,6 +192,8 @@ class PrefixWatcher:
                 bad.add(kv.key.decode("utf-8", "replace"))
             else:
                 fresh[inst.key] = inst
+        if self._expiry is not None:
+            self._expiry.carry(fresh)
         events = diff(self.instances, fresh)
         self.instances = fresh
         self._bad_keys = bad
@@ -219,10 +252,14 @@ class PrefixWatcher:
             old = self.instances.get(key)
             if ev.type is WatchEventType.DELETE:
                 self._bad_keys.discard(key)
-                if old is not None:
+                if old is not None and self._expiry is not None:
+                    changes.extend(self._expiry.deleted(old, self.instances))
+                elif old is not None:
                     del self.instances[key]
                     changes.append(ChangeEvent(EventType.REMOVED, old, None))
             else:
+                if self._expiry is not None:
+                    self._expiry.returned(key)
                 inst = self._decode(kv)
                 if inst is None:
                     self._bad_keys.add(key)
@@ -235,7 +272,9 @@ class PrefixWatcher:
                     self.instances[key] = inst
                     if old is None:
                         changes.append(ChangeEvent(EventType.ADDED, inst, None))
-                    elif old.address != inst.address or old.metadata != inst.metadata:
+                    elif (
+                        old.address != inst.address or old.metadata != inst.metadata or old.suspect
+                    ):
                         changes.append(ChangeEvent(EventType.UPDATED, inst, old))
             self.revision = max(self.revision, kv.mod_revision)
         self._publish(changes)
@@ -284,8 +323,19 @@ class ServiceCache:
     def resyncs(self) -> int:
         return self._watcher.resyncs
 
+    @property
+    def expiry_protections(self) -> int:
+        """How many times mass-expiry protection engaged on this cache's prefix."""
+        return self._watcher.expiry_protections
+
     def instances(self) -> tuple[Instance, ...]:
+        """Every known instance, suspects included (``Instance.suspect``); give it to
+        a picker, which prefers live instances (see ``etcdisco._model.usable``)."""
         return tuple(sorted(self._watcher.instances.values(), key=lambda i: (i.service, i.id)))
+
+    def suspects(self) -> tuple[Instance, ...]:
+        """Instances held after a mass expiry: gone from etcd, kept for a while."""
+        return tuple(i for i in self.instances() if i.suspect)
 
     def services(self) -> Mapping[str, tuple[Instance, ...]]:
         out: dict[str, list[Instance]] = {}

@@ -14,6 +14,10 @@ The keeper's loop is the single place where registration states change:
 A lost lease is re-granted and every key re-put, with capped exponential backoff and
 jitter, without ever giving up. Keys are only written with a live lease id, so etcd
 itself refuses a write whose lease has gone (no permanent keys, ever).
+
+A registration given health checks owns a :class:`~etcdisco.health._guard.HealthGuard`:
+while its checks fail the value says ``status: unhealthy`` (or the key is withdrawn),
+always under the same lease, so a flapping check never causes a re-grant.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -45,6 +49,8 @@ from ._model import (
     validate_service_name,
 )
 from .etcd import Compare, EtcdClient, KeepAliveStream, Op
+from .health import Check, CheckResult
+from .health._guard import HealthGuard, OnFailing, validate_checks
 
 log = logging.getLogger("etcdisco.registry")
 
@@ -60,6 +66,7 @@ class RegistrationState(enum.StrEnum):
 
 
 StateListener = Callable[["Registration", RegistrationState], None]
+HealthListener = Callable[["Registration", CheckResult], None]
 
 
 class Registration:
@@ -74,6 +81,8 @@ class Registration:
         address: str,
         instance_id: str,
         metadata: Mapping[str, Any],
+        checks: Sequence[Check] = (),
+        on_failing: OnFailing = OnFailing.MARK,
     ) -> None:
         self._keeper = keeper
         self.service = service
@@ -81,9 +90,16 @@ class Registration:
         self.instance_id = instance_id
         self.key = instance_key(prefix, service, instance_id)
         self._metadata: dict[str, Any] = dict(metadata)
-        self._value = encode_value(address, self._metadata)
+        self._failing = False  # checks say unhealthy: written as status "unhealthy"
+        self._withdrawn = False  # key deleted on purpose while the lease lives on
+        self._value = b""
+        self._status: Any = None  # the status _value carries
+        self._written_status: Any = None  # the status of our latest write
+        self._encode()
         self._state = RegistrationState.PENDING
         self._listeners: list[StateListener] = []
+        self._health_listeners: list[HealthListener] = []
+        self._guard = HealthGuard(self, checks, on_failing) if checks else None
         self._conflict_logged = False
         self.revision = 0
         """mod_revision of our latest write."""
@@ -111,6 +127,25 @@ class Registration:
     def ttl(self) -> int:
         return self._keeper.ttl
 
+    @property
+    def health(self) -> CheckResult | None:
+        """The combined state of the checks (None when registered without checks)."""
+        return self._guard.state if self._guard is not None else None
+
+    @property
+    def health_failures(self) -> tuple[str, ...]:
+        """What each check that is not passing last said."""
+        return tuple(self._guard.monitor.failures()) if self._guard is not None else ()
+
+    @property
+    def withdrawn(self) -> bool:
+        """True while failing checks keep the key out of etcd (``on_failing="withdraw"``)."""
+        return self._withdrawn
+
+    def add_health_listener(self, listener: HealthListener) -> None:
+        """Call ``listener(registration, health)`` when the checks' combined state changes."""
+        self._health_listeners.append(listener)
+
     def add_listener(self, listener: StateListener) -> None:
         """Call ``listener(registration, state)`` on every state change."""
         self._listeners.append(listener)
@@ -131,14 +166,63 @@ class Registration:
             except Exception:
                 log.exception("registration listener failed")
 
+    # -- health --------------------------------------------------------------------
+
+    def _encode(self) -> None:
+        meta: Mapping[str, Any] = self._metadata
+        # A draining instance stays draining: leaving outranks being unwell.
+        if self._failing and meta.get("status") != Status.DRAINING.value:
+            meta = {**meta, "status": Status.UNHEALTHY.value}
+        self._value = encode_value(self.address, meta)
+        self._status = meta.get("status")
+
+    def _leaving_announced(self) -> bool:
+        """Whether etcd already tells clients not to count on this instance, so that
+        deleting the key needs no ``draining`` mark first (see LeaseKeeper.detach)."""
+        return self._withdrawn or self._written_status in (
+            Status.DRAINING.value,
+            Status.UNHEALTHY.value,
+        )
+
+    def _health_changed(self, state: CheckResult) -> None:
+        for listener in list(self._health_listeners):
+            try:
+                listener(self, state)
+            except Exception:
+                log.exception("health listener failed")
+
+    async def _apply_health(self, failing: bool, *, withdraw: bool) -> None:
+        """Write the checks' verdict under the current lease (called by the guard)."""
+        if self._state is RegistrationState.CLOSED:
+            return
+        self._failing = failing
+        self._encode()
+        if withdraw and failing:
+            await self._keeper.withdraw(self)
+        elif self._withdrawn:
+            await self._keeper.restore(self)
+        else:
+            await self._keeper.write(self)
+
+    async def _open(self) -> None:
+        """First write (after one round of checks, so it already tells the truth),
+        then start the checks."""
+        if self._guard is not None:
+            self._failing = await self._guard.first_round()
+            self._withdrawn = self._failing and self._guard.mode is OnFailing.WITHDRAW
+            self._encode()
+        await self._keeper.attach(self)
+        if self._guard is not None:
+            self._guard.start()
+
     # -- changes -------------------------------------------------------------------
 
     async def update(self, metadata: Mapping[str, Any]) -> None:
         """Replace the metadata (kept across re-registrations)."""
         self._check_open()
-        value = encode_value(self.address, metadata)
+        encode_value(self.address, metadata)  # validate before changing anything
         self._metadata = dict(metadata)
-        self._value = value
+        self._encode()
         await self._keeper.write(self)
 
     async def drain(self, wait: float = 0.0) -> None:
@@ -150,11 +234,14 @@ class Registration:
             await asyncio.sleep(wait)
 
     async def deregister(self, timeout: float = 5.0) -> None:
-        """Delete the key, then revoke the lease if no other registration uses it."""
+        """Mark the instance ``draining`` (unless it already is), delete the key, then
+        revoke the lease if no other registration uses it."""
         if self._state is RegistrationState.CLOSED:
             return
         try:
             async with asyncio.timeout(timeout):
+                if self._guard is not None:
+                    await self._guard.stop()
                 await self._keeper.detach(self)
         except TimeoutError as exc:
             if isinstance(exc, EtcdError):
@@ -238,13 +325,43 @@ class LeaseKeeper:
             if self.lease_id is not None and reg.key in self._registrations:
                 await self._put(reg)
 
+    async def withdraw(self, reg: Registration) -> None:
+        """Take ``reg``'s key out of etcd while the lease lives on (failing checks)."""
+        async with self._lock:
+            reg._withdrawn = True  # first, so neither healing nor verifying puts it back
+            lease = self.lease_id
+            if lease is None or reg.key not in self._registrations:
+                return
+            # Say "unhealthy" before deleting, so caches count the removal as announced
+            # and never hold the instance as suspect (discovery's mass-expiry guard).
+            owned = [Compare.lease(reg.key, "==", lease)]
+            await self._etcd.txn(owned, [Op.put(reg.key, reg.value, lease=lease)])
+            await self._etcd.txn(owned, [Op.delete(reg.key)])
+
+    async def restore(self, reg: Registration) -> None:
+        """Put a withdrawn key back under the current lease."""
+        async with self._lock:
+            reg._withdrawn = False
+            if self.lease_id is not None and reg.key in self._registrations:
+                await self._put(reg)
+
     async def detach(self, reg: Registration) -> None:
         if self._registrations.pop(reg.key, None) is None:
             return
         lease = self.lease_id
         try:
-            # Only delete the key if it is still ours: a restarted twin may own it now.
-            await self._etcd.txn([Compare.lease(reg.key, "==", lease or 0)], [Op.delete(reg.key)])
+            # Only touch the key if it is still ours: a restarted twin may own it now.
+            owned = [Compare.lease(reg.key, "==", lease or 0)]
+            if lease is not None and not reg._leaving_announced():
+                # A lease expiry and a deletion look the same in a watch (a DELETE
+                # event, nothing else), so a graceful exit says "draining" first: a
+                # cache then tells a planned departure from a crash, and only crashes
+                # count towards mass-expiry protection. One extra write per exit; a
+                # put and a delete of one key cannot share a txn.
+                leaving = {**reg._metadata, "status": Status.DRAINING.value}
+                value = encode_value(reg.address, leaving)
+                await self._etcd.txn(owned, [Op.put(reg.key, value, lease=lease)])
+            await self._etcd.txn(owned, [Op.delete(reg.key)])
         finally:
             if not self._registrations:
                 await self._stop_task()
@@ -272,8 +389,11 @@ class LeaseKeeper:
 
     async def _put(self, reg: Registration) -> None:
         assert self.lease_id is not None
+        if reg._withdrawn:
+            return
         result = await self._etcd.put(reg.key, reg.value, lease=self.lease_id)
         reg.revision = result.revision
+        reg._written_status = reg._status
 
     # -- the loop ------------------------------------------------------------------
 
@@ -391,8 +511,10 @@ class LeaseKeeper:
                 reg._conflict_logged = False
                 continue
             async with self._lock:
-                if self.lease_id != lease or reg.key not in self._registrations:
+                if self.lease_id != lease:
                     return
+                if reg.key not in self._registrations or reg._withdrawn:
+                    continue
                 # Put back only when the key is absent: a key on another lease belongs
                 # to someone else (a twin with the same id), and we do not fight it.
                 result = await self._etcd.txn(
@@ -402,6 +524,7 @@ class LeaseKeeper:
             if result.succeeded:
                 reg.re_registrations += 1
                 reg.revision = result.revision
+                reg._written_status = reg._status
                 log.warning("%s was deleted from outside; put it back", reg.key)
             elif not reg._conflict_logged:
                 reg._conflict_logged = True
@@ -416,11 +539,14 @@ def make_registration(
     address: str,
     instance_id: str | None,
     metadata: Mapping[str, Any] | None,
+    checks: Sequence[Check] = (),
+    on_failing: str = "mark",
 ) -> Registration:
     """Validate everything before anything is written."""
     service = validate_service_name(service)
     address = normalize_address(address)
     instance_id = validate_instance_id(instance_id if instance_id is not None else address)
+    found, mode = validate_checks(checks, on_failing)
     return Registration(
         keeper,
         prefix=prefix,
@@ -428,6 +554,8 @@ def make_registration(
         address=address,
         instance_id=instance_id,
         metadata=dict(metadata or {}),
+        checks=found,
+        on_failing=mode,
     )
 
 

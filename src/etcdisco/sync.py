@@ -19,6 +19,7 @@ from ._async_client import AsyncClient
 from ._errors import EtcdTimeoutError
 from ._model import ChangeEvent, Instance
 from .discovery import CacheState, ServiceCache
+from .health import Check
 from .registry import Registration, RegistrationState
 
 log = logging.getLogger("etcdisco.sync")
@@ -258,10 +259,18 @@ class Client:
         instance_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         ttl: int = 10,
+        checks: Sequence[Check] = (),
+        on_failing: str = "mark",
     ) -> SyncRegistration:
         async def open_() -> Registration:
             return await self._async.register(
-                service, address, instance_id=instance_id, metadata=metadata, ttl=ttl
+                service,
+                address,
+                instance_id=instance_id,
+                metadata=metadata,
+                ttl=ttl,
+                checks=checks,
+                on_failing=on_failing,
             )
 
         return SyncRegistration(self, self._run(open_()))

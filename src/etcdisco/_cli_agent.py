@@ -1,0 +1,256 @@
+"""``etcdisco agent`` and the health-check options of ``etcdisco register``.
+
+Both build checks with :func:`etcdisco.health.parse_check` and register through
+``AsyncClient.register(checks=...)``: the one-service shortcut and the agent are the
+same code path. This module imports ``cli`` lazily, so ``cli`` can import it at the
+top for the ``register`` options.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from ._errors import ConfigError
+from ._model import parse_address
+from .health import (
+    DEFAULT_FALL,
+    DEFAULT_INTERVAL,
+    DEFAULT_RISE,
+    DEFAULT_TIMEOUT,
+    SPEC_HELP,
+    Check,
+    parse_check,
+)
+
+if TYPE_CHECKING:
+    from .agent import Agent
+    from .cli import Settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class HealthOptions:
+    """What ``register --check ...`` asked for."""
+
+    checks: tuple[Check, ...]
+    on_failing: str
+
+
+def health_options(command: F) -> F:
+    """Add ``--check`` (repeatable), its timing and ``--on-failing`` to a command,
+    handed to it as one ``health: HealthOptions`` argument."""
+
+    @functools.wraps(command)
+    def wrapper(
+        *args: Any,
+        check: tuple[str, ...],
+        check_interval: float,
+        check_timeout: float,
+        rise: int,
+        fall: int,
+        on_failing: str,
+        **kwargs: Any,
+    ) -> Any:
+        timing = {"interval": check_interval, "timeout": check_timeout, "rise": rise, "fall": fall}
+        try:
+            checks = tuple(parse_check(spec, **timing) for spec in check)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--check") from None
+        return command(*args, health=HealthOptions(checks, on_failing), **kwargs)
+
+    options = [
+        click.option(
+            "--check", multiple=True, metavar="SPEC", help=f"Health check; repeatable: {SPEC_HELP}."
+        ),
+        click.option(
+            "--check-interval",
+            type=float,
+            default=DEFAULT_INTERVAL,
+            show_default=True,
+            help="Seconds between probes.",
+        ),
+        click.option(
+            "--check-timeout",
+            type=float,
+            default=DEFAULT_TIMEOUT,
+            show_default=True,
+            help="Seconds one probe may take.",
+        ),
+        click.option(
+            "--rise",
+            type=int,
+            default=DEFAULT_RISE,
+            show_default=True,
+            help="Passes in a row to become healthy again.",
+        ),
+        click.option(
+            "--fall",
+            type=int,
+            default=DEFAULT_FALL,
+            show_default=True,
+            help="Failures in a row to become unhealthy.",
+        ),
+        click.option(
+            "--on-failing",
+            type=click.Choice(["mark", "withdraw"]),
+            default="mark",
+            show_default=True,
+            help="While failing: mark the instance unhealthy, or withdraw its key.",
+        ),
+    ]
+    decorated: Callable[..., Any] = wrapper
+    for option in reversed(options):
+        decorated = option(decorated)
+    return decorated  # type: ignore[return-value]
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    # Port 0 (any free port, printed once listening) is not an instance address, so
+    # it is checked apart from the host.
+    head, _, port_text = text.rpartition(":")
+    any_port = port_text == "0"
+    try:
+        host, port = parse_address(f"{head}:1" if any_port else text)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--health-listen") from None
+    return host, 0 if any_port else port
+
+
+@click.command("agent")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Services to register (YAML or TOML); reloaded on SIGHUP.",
+)
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False),
+    help="A file that exists exactly while every registration is live.",
+)
+@click.option(
+    "--health-listen",
+    metavar="HOST:PORT",
+    help="Serve GET /ready (200/503) and /live for container probes.",
+)
+@click.option("--check-config", is_flag=True, help="Validate the config file and exit.")
+@click.pass_obj
+def agent_cmd(
+    settings: Settings,
+    config_path: str,
+    ready_file: str | None,
+    health_listen: str | None,
+    check_config: bool,
+) -> None:
+    """Register the services of a config file with their checks and keep them alive.
+
+    SIGHUP reloads the file, changing only the registrations that changed; SIGTERM
+    or SIGINT deregisters everything and exits 0.
+    """
+    from .agent import Agent, ProbeServer, ReadyFile, load_config
+    from .cli import fail, run_until_signal
+
+    try:
+        specs = load_config(config_path)
+    except ConfigError as exc:
+        fail(str(exc), code=2)
+    if check_config:
+        click.echo(f"{config_path}: {len(specs)} service(s), valid")
+        return
+    listen = _listen_address(health_listen) if health_listen else None
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO,
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+
+    def say(event: str, **fields: Any) -> None:
+        if settings.json:
+            click.echo(json.dumps({"event": event, **fields}, sort_keys=True))
+        else:
+            detail = " ".join(f"{k}={v}" for k, v in fields.items())
+            click.echo(f"agent: {event}" + (f" {detail}" if detail else ""))
+
+    async def main(stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        reload = asyncio.Event()
+        loop.add_signal_handler(signal.SIGHUP, reload.set)
+        marker = ReadyFile(ready_file) if ready_file else None
+        was_ready = False
+        try:
+            async with settings.client() as client:
+                agent: Agent
+
+                def changed() -> None:
+                    nonlocal was_ready
+                    ready = agent.ready
+                    if marker is not None:
+                        marker.update(ready)
+                    if ready != was_ready:
+                        was_ready = ready
+                        say("ready" if ready else "not-ready")
+
+                agent = Agent(client, on_change=changed, timeout=settings.timeout)
+                probe = ProbeServer(agent.status, *listen) if listen else None
+                if probe is not None:
+                    await probe.start()
+                    say("listening", host=listen[0] if listen else "", port=probe.port)
+                try:
+                    changes = await agent.apply(specs)
+                    say("applied", config=config_path, changes=changes.summary())
+                    await _serve(stop, reload, agent, config_path, say)
+                finally:
+                    count = len(agent.keys)
+                    await agent.close()
+                    say("deregistered", count=count)
+                    if probe is not None:
+                        await probe.close()
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+            if marker is not None:
+                marker.update(False)
+
+    run_until_signal(main)
+
+
+async def _serve(
+    stop: asyncio.Event,
+    reload: asyncio.Event,
+    agent: Agent,
+    config_path: str,
+    say: Callable[..., None],
+) -> None:
+    from .agent import load_config
+
+    while True:
+        stopping = asyncio.ensure_future(stop.wait())
+        reloading = asyncio.ensure_future(reload.wait())
+        try:
+            await asyncio.wait({stopping, reloading}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            reloading.cancel()
+        if stop.is_set():
+            return
+        reload.clear()
+        try:
+            specs = load_config(config_path)
+        except ConfigError as exc:
+            # A bad edit must not take running services out of discovery.
+            say("reload-failed", error=str(exc), kept=len(agent.keys))
+            continue
+        changes = await agent.apply(specs)
+        say("reloaded", changes=changes.summary())

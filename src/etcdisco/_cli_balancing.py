@@ -1,0 +1,74 @@
+"""``etcdisco resolve``: what a balancing client would pick, from one read of etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import click
+
+from ._model import Instance
+from .balancing import POLICIES, Picker, make_picker
+from .cli import Settings, fail, run_until_signal
+
+
+@click.command("resolve")
+@click.argument("service")
+@click.option(
+    "--policy",
+    type=click.Choice(sorted(POLICIES)),
+    default="round_robin",
+    show_default=True,
+    help="Balancing policy (with --zone, the policy used inside the zone).",
+)
+@click.option("--key", "hash_key", help="Hash key for ring_hash (e.g. a user id).")
+@click.option("--zone", help="Prefer instances of this zone (zone-aware balancing).")
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Number of picks to print.",
+)
+@click.pass_obj
+def _resolve(
+    settings: Settings,
+    service: str,
+    policy: str,
+    hash_key: str | None,
+    zone: str | None,
+    count: int,
+) -> None:
+    """Pick an instance of SERVICE the way a client would, and print its address.
+
+    Reads the instances once (no cache, no call history), so load-aware policies
+    behave like random here.
+    """
+    picker = _picker(policy, zone)
+
+    async def main(stop: asyncio.Event) -> tuple[Instance, ...]:
+        async with settings.client() as client:
+            return await client.list_instances(service)
+
+    instances = run_until_signal(main)
+    picks = [picker.pick(instances, hash_key) for _ in range(count)]
+    chosen = [inst for inst in picks if inst is not None]
+    if not chosen:
+        fail(f"no healthy instance of {service}")
+    for inst in chosen:
+        click.echo(json.dumps(inst.to_dict(), sort_keys=True) if settings.json else inst.address)
+
+
+# Declared type: the decorated function's type is not inferable through the import
+# cycle with cli.py, which registers this command.
+resolve_cmd: click.Command = _resolve
+
+
+def _picker(policy: str, zone: str | None) -> Picker:
+    if policy == "zone_aware":
+        if not zone:
+            raise click.UsageError("--policy zone_aware needs --zone")
+        return make_picker("zone_aware", zone=zone)
+    if zone:
+        return make_picker("zone_aware", zone=zone, inner=policy)
+    return make_picker(policy)

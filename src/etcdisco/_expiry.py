@@ -1,0 +1,191 @@
+"""Protection against mass expiry (Eureka's self-preservation, Nacos' protect threshold).
+
+When most of a service's instances vanish through lease expiry at once, the likelier
+story is that they lost etcd (a partition, a stalled host, an overloaded network), not
+that they all crashed in the same seconds; emptying every client's list would turn a
+registry hiccup into an outage. So a cache keeps such instances as ``suspect`` for a
+bounded time. A suspect is not ``healthy``; pickers that filter with
+``etcdisco._model.usable`` use suspects only when no healthy instance is left.
+
+Telling expiry from a planned exit: a watch shows both as a bare DELETE (etcd's watch
+API carries no cause, and a single key's expiry leaves no trace in the event). The
+registry closes that gap on the writer's side: a graceful deregistration writes
+``status: draining`` before it deletes, and a withdrawal writes ``unhealthy``. So a
+removal counts as unannounced only if the last value the cache saw said the instance
+was up. Writers that delete without announcing (Go's naming package, ``etcdctl del``)
+count as expiries; when many do it in one window their instances are held too, which
+costs nothing while any live instance remains to pick.
+
+Only watch deletions count: after a re-list (a compaction or a long disconnection)
+the cache cannot tell what happened in between, so it removes without protecting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from ._errors import ConfigError
+from ._model import ChangeEvent, EventType, Instance, Status
+
+log = logging.getLogger("etcdisco.discovery")
+
+
+@dataclass(frozen=True)
+class ExpiryProtection:
+    """When more than ``threshold`` of a service's instances disappear unannounced
+    within ``window`` seconds, keep them as suspects for ``hold`` seconds (or until
+    they come back). Services with fewer than ``min_instances`` are never protected.
+
+    Default threshold 0.5 (more than half): instances that crash independently
+    almost never take more than half a fleet within ten seconds, while a shared cause
+    (losing etcd) takes most of it; and because suspects are only picked when nothing
+    live is left, a false alarm costs nothing but a minute of stale entries, whereas a
+    missed one empties the list. Eureka engages far earlier (renewals under 85%, so
+    15% lost) and holds forever, which its users know as the never-ending
+    "EMERGENCY! EUREKA MAY BE INCORRECTLY CLAIMING INSTANCES ARE UP".
+
+    Default window 10 s: instances cut off at the same moment expire over about a
+    third of their TTL (their last keepalives were that far apart), plus etcd's
+    half-second expiry sweep; 10 s covers TTLs up to 30 s. Default hold 60 s: a live
+    instance re-registers within about a TTL once it reaches etcd again and replaces
+    its suspect; one still gone after a minute is more likely dead than cut off.
+    """
+
+    threshold: float = 0.5
+    window: float = 10.0
+    hold: float = 60.0
+    min_instances: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "window", "hold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"expiry protection {name} must be a number, not {value!r}")
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"expiry protection {name} must be > 0, not {value!r}")
+        if self.threshold >= 1:
+            raise ConfigError(
+                f"expiry protection threshold is a share in (0, 1), not {self.threshold!r}"
+            )
+        m = self.min_instances
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ConfigError(f"expiry protection min_instances must be >= 1, not {m!r}")
+
+
+DEFAULT_EXPIRY_PROTECTION = ExpiryProtection()
+
+
+class ExpiryGuard:
+    """The bookkeeping of one prefix watcher: recent unannounced removals per
+    service, and the suspects held with their deadlines. Pure: no loop, no I/O."""
+
+    def __init__(
+        self, config: ExpiryProtection, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._recent: dict[str, deque[tuple[float, Instance]]] = {}
+        self._held: dict[str, tuple[Instance, float]] = {}  # key -> (suspect, deadline)
+        self.engagements = 0
+
+    @property
+    def suspects(self) -> tuple[Instance, ...]:
+        return tuple(inst for inst, _ in self._held.values())
+
+    def next_deadline(self) -> float | None:
+        return min((deadline for _, deadline in self._held.values()), default=None)
+
+    def seconds_to_next(self) -> float | None:
+        deadline = self.next_deadline()
+        return None if deadline is None else max(0.0, deadline - self._clock())
+
+    def deleted(self, old: Instance, instances: dict[str, Instance]) -> list[ChangeEvent]:
+        """``old`` was deleted in etcd (and still sits in ``instances``): remove it,
+        or hold it (and those that went shortly before it) as suspects."""
+        del instances[old.key]
+        if old.status is not Status.UP or old.suspect:
+            return [ChangeEvent(EventType.REMOVED, old)]  # announced: draining or unhealthy
+        now = self._clock()
+        service = old.service
+        if any(inst.service == service for inst, _ in self._held.values()):
+            # The episode goes on: later expiries of the same service join it.
+            return [self._hold(old, instances, now, previous=old)]
+        recent = self._recent.setdefault(service, deque())
+        while recent and recent[0][0] < now - self.config.window:
+            recent.popleft()
+        recent.append((now, old))
+        live = sum(1 for i in instances.values() if i.service == service and not i.suspect)
+        lost = len(recent)
+        if lost + live < self.config.min_instances or lost / (lost + live) <= self.config.threshold:
+            return [ChangeEvent(EventType.REMOVED, old)]
+        self.engagements += 1
+        log.warning(
+            "mass expiry of %s: %d of %d instances lost their lease within %.0fs; "
+            "keeping them as suspect for up to %.0fs",
+            service,
+            lost,
+            lost + live,
+            self.config.window,
+            self.config.hold,
+        )
+        events = [self._hold(inst, instances, now, previous=None) for _, inst in list(recent)[:-1]]
+        events.append(self._hold(old, instances, now, previous=old))
+        recent.clear()
+        return events
+
+    def _hold(
+        self, inst: Instance, instances: dict[str, Instance], now: float, previous: Instance | None
+    ) -> ChangeEvent:
+        suspect = dataclasses.replace(inst, suspect=True)
+        instances[inst.key] = suspect
+        self._held[inst.key] = (suspect, now + self.config.hold)
+        if previous is None:
+            return ChangeEvent(EventType.ADDED, suspect)
+        return ChangeEvent(EventType.UPDATED, suspect, previous)
+
+    def returned(self, key: str) -> None:
+        """``key`` is in etcd again: it no longer counts as lost or suspect."""
+        if self._held.pop(key, None) is not None:
+            log.info("suspect %s is back", key)
+        for recent in self._recent.values():
+            for item in [item for item in recent if item[1].key == key]:
+                recent.remove(item)
+
+    def expire(self, instances: dict[str, Instance]) -> list[ChangeEvent]:
+        """Remove the suspects whose hold is over."""
+        now = self._clock()
+        events: list[ChangeEvent] = []
+        for key, (suspect, deadline) in list(self._held.items()):
+            if deadline <= now:
+                del self._held[key]
+                if instances.get(key) is suspect:
+                    del instances[key]
+                    events.append(ChangeEvent(EventType.REMOVED, suspect))
+        if events:
+            log.warning(
+                "%d suspect instance(s) did not come back within %.0fs; removed",
+                len(events),
+                self.config.hold,
+            )
+        return events
+
+    def carry(self, fresh: dict[str, Instance]) -> None:
+        """A re-list replaces the whole view: keep the suspects it does not contain,
+        and forget the ones it shows alive again."""
+        for key, (suspect, _) in list(self._held.items()):
+            if key in fresh:
+                self.returned(key)
+            else:
+                fresh[key] = suspect
+
+    def held(self, key: str) -> bool:
+        return key in self._held
+
+    def snapshot(self) -> Mapping[str, Instance]:
+        return {key: inst for key, (inst, _) in self._held.items()}

@@ -1,0 +1,653 @@
+"""A ``grpc.Channel`` over every live instance of a service (threads).
+
+Generated stubs work on it unchanged. Each call is placed by the picker on one of the
+instances the discovery cache knows (see ``_pool`` for the sub-channel lifecycle and
+``_options`` for the retry rule). Usable from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from .._errors import ConfigError, EtcdiscoError
+from .._model import ChangeEvent
+from ..balancing import Picker
+from ..outlier import OutlierDetector
+from ..sync import Client, SyncServiceCache
+from ._options import (
+    ChannelSettings,
+    HashKey,
+    detector_for,
+    picker_for,
+    settings,
+    unreachable,
+)
+from ._pool import Pool, SubChannel, SubChannelInfo
+
+log = logging.getLogger("etcdisco.grpc")
+
+if TYPE_CHECKING:
+    _UnaryUnaryBase = grpc.UnaryUnaryMultiCallable[Any, Any]
+    _UnaryStreamBase = grpc.UnaryStreamMultiCallable[Any, Any]
+    _StreamUnaryBase = grpc.StreamUnaryMultiCallable[Any, Any]
+    _StreamStreamBase = grpc.StreamStreamMultiCallable[Any, Any]
+else:
+    _UnaryUnaryBase = grpc.UnaryUnaryMultiCallable
+    _UnaryStreamBase = grpc.UnaryStreamMultiCallable
+    _StreamUnaryBase = grpc.StreamUnaryMultiCallable
+    _StreamStreamBase = grpc.StreamStreamMultiCallable
+
+
+class NoInstanceError(grpc.RpcError):
+    """UNAVAILABLE raised by a balancing channel when no instance can take a call.
+    It answers ``code()`` and ``details()`` like grpc's own errors."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details
+
+    def initial_metadata(self) -> tuple[()]:
+        return ()
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+    def debug_error_string(self) -> str:
+        return f"UNAVAILABLE: {self._details}"
+
+    def __str__(self) -> str:
+        return f"<NoInstanceError UNAVAILABLE: {self._details}>"
+
+
+def _code(call: Any) -> grpc.StatusCode | None:
+    try:
+        code = call.code()
+    except Exception:
+        return None
+    return code if isinstance(code, grpc.StatusCode) else None
+
+
+class _Closer:
+    """Closes retired channels on a thread of its own: a call's done callback runs on
+    grpc's threads, where closing that call's own channel is not safe."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[grpc.Channel | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def close(self, channel: grpc.Channel) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._main, name="etcdisco-channel-closer", daemon=True
+                )
+                self._thread.start()
+        self._queue.put(channel)
+
+    def _main(self) -> None:
+        while (channel := self._queue.get()) is not None:
+            try:
+                channel.close()
+            except Exception:
+                log.exception("closing a sub-channel failed")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout)
+
+
+class _Transport:
+    def __init__(self, settings: ChannelSettings, closer: _Closer) -> None:
+        self._settings = settings
+        self._closer = closer
+        self.pool: Pool[grpc.Channel] | None = None
+
+    def open(self, address: str) -> grpc.Channel:
+        s = self._settings
+        if s.credentials is not None:
+            return grpc.secure_channel(address, s.credentials, s.channel_options, s.compression)
+        return grpc.insecure_channel(address, s.channel_options, s.compression)
+
+    def watch(self, sub: SubChannel[grpc.Channel]) -> None:
+        pool = self.pool
+        assert pool is not None
+
+        def changed(state: grpc.ChannelConnectivity) -> None:
+            pool.state_changed(sub, state)
+
+        # try_to_connect: a new instance is connected before its first call.
+        sub.channel.subscribe(changed, try_to_connect=True)
+
+    def close(self, sub: SubChannel[grpc.Channel]) -> None:
+        self._closer.close(sub.channel)
+
+
+class BalancingChannel(grpc.Channel):
+    """A ``grpc.Channel`` whose calls go to the live instances of one service.
+
+    Build it with :func:`etcdisco.grpc.channel`. ``close()`` (or ``with``) closes every
+    sub-channel, and the discovery cache when the channel opened it.
+    """
+
+    def __init__(
+        self,
+        cache: SyncServiceCache,
+        picker: Picker,
+        outlier: OutlierDetector | None,
+        settings: ChannelSettings,
+        *,
+        owns_cache: bool,
+    ) -> None:
+        self._settings = settings
+        self._cache = cache
+        self._owns_cache = owns_cache
+        self._closer = _Closer()
+        self._transport = _Transport(settings, self._closer)
+        self._pool: Pool[grpc.Channel] = Pool(
+            settings.service, picker, outlier, self._transport, on_state=self._notify
+        )
+        self._transport.pool = self._pool
+        self._subscribers: list[Callable[[grpc.ChannelConnectivity], None]] = []
+        self._subscribers_lock = threading.Lock()
+        self._closed = False
+        # Listen first, then read: a change between the two is applied twice at worst.
+        cache.add_listener(self._on_events)
+        self._refresh()
+
+    @property
+    def service(self) -> str:
+        return self._settings.service
+
+    @property
+    def pool(self) -> Pool[grpc.Channel]:
+        return self._pool
+
+    def instances(self) -> tuple[Any, ...]:
+        """The instances this channel has a sub-channel for (draining ones included)."""
+        return self._pool.instances()
+
+    def subchannels(self) -> tuple[SubChannelInfo, ...]:
+        """Every open sub-channel, retired ones still finishing calls included."""
+        return self._pool.info()
+
+    # -- discovery -----------------------------------------------------------------
+
+    def _on_events(self, events: list[ChangeEvent]) -> None:
+        if not self._closed:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        try:
+            self._pool.update(self._cache.instances())
+        except EtcdiscoError as exc:
+            log.warning("%s: reading the discovery cache failed: %s", self.service, exc)
+
+    # -- connectivity --------------------------------------------------------------
+
+    def get_state(self) -> grpc.ChannelConnectivity:
+        """READY when any sub-channel is, else CONNECTING, IDLE, TRANSIENT_FAILURE in
+        that order (as grpc's round_robin); SHUTDOWN once closed."""
+        return self._pool.state
+
+    def subscribe(
+        self,
+        callback: Callable[[grpc.ChannelConnectivity], None],
+        try_to_connect: bool = False,
+    ) -> None:
+        """Call ``callback(state)`` now and on every change of :meth:`get_state`
+        (changes are reported from grpc's threads). Sub-channels always connect."""
+        with self._subscribers_lock:
+            self._subscribers.append(callback)
+        callback(self.get_state())
+
+    def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
+        with self._subscribers_lock:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+    def _notify(self) -> None:
+        state = self._pool.state
+        with self._subscribers_lock:
+            callbacks = list(self._subscribers)
+        for callback in callbacks:
+            try:
+                callback(state)
+            except Exception:
+                log.exception("connectivity callback failed")
+
+    # -- multicallables ------------------------------------------------------------
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> _UnaryUnary:
+        return _UnaryUnary(self, "unary_unary", method, request_serializer, response_deserializer)
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> _UnaryStream:
+        return _UnaryStream(self, "unary_stream", method, request_serializer, response_deserializer)
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> _StreamUnary:
+        return _StreamUnary(self, "stream_unary", method, request_serializer, response_deserializer)
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> _StreamStream:
+        return _StreamStream(
+            self, "stream_stream", method, request_serializer, response_deserializer
+        )
+
+    # -- end -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every sub-channel (calls still running are cancelled, as with any
+        grpc channel) and the discovery cache if this channel opened it."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_cache:
+            try:
+                self._cache.close()
+            except EtcdiscoError as exc:
+                log.warning("%s: closing the discovery cache failed: %s", self.service, exc)
+        self._pool.close()
+        self._closer.stop()
+
+    def __enter__(self) -> BalancingChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<BalancingChannel {self.service} {self.get_state().name}>"
+
+
+class _Method:
+    """What every balancing multicallable shares: its method and how to reach a
+    sub-channel's own multicallable for it."""
+
+    def __init__(
+        self,
+        channel: BalancingChannel,
+        kind: str,
+        method: str,
+        serializer: Callable[[Any], bytes] | None,
+        deserializer: Callable[[bytes], Any] | None,
+    ) -> None:
+        self._channel = channel
+        self._pool = channel._pool
+        self._settings = channel._settings
+        self._kind = kind
+        self._method = method
+        self._serializer = serializer
+        self._deserializer = deserializer
+        self._cache_key = (kind, method, serializer, deserializer)
+        self._idempotent = self._settings.is_idempotent(method)
+
+    def _real(self, sub: SubChannel[grpc.Channel]) -> Any:
+        found = sub.callables.get(self._cache_key)
+        if found is None:
+            factory = getattr(sub.channel, self._kind)
+            found = sub.callables[self._cache_key] = factory(
+                self._method,
+                request_serializer=self._serializer,
+                response_deserializer=self._deserializer,
+                _registered_method=True,
+            )
+        return found
+
+    def _hash_key(self, request: Any) -> str | None:
+        hash_key = self._settings.hash_key
+        return hash_key(self._method, request) if hash_key is not None else None
+
+    def _no_instance(self) -> NoInstanceError:
+        return NoInstanceError(f"no available instance of {self._settings.service!r}")
+
+    def _acquire(self, request: Any) -> tuple[SubChannel[grpc.Channel], Any]:
+        picked = self._pool.acquire(self._hash_key(request))
+        if picked is None:
+            raise self._no_instance()
+        return picked
+
+    def _pinned(self, key_request: Any, invoke: Callable[[Any], Any]) -> Any:
+        """Start a call on one instance and release it when the call (a future or a
+        response stream) ends."""
+        sub, inst = self._acquire(key_request)
+        started = time.monotonic()
+        try:
+            call = invoke(self._real(sub))
+        except BaseException:
+            self._pool.release(sub, inst, time.monotonic() - started, True)
+            raise
+
+        def done(_: Any) -> None:
+            latency = time.monotonic() - started
+            self._pool.release(sub, inst, latency, not unreachable(_code(call)))
+
+        call.add_done_callback(done)
+        return call
+
+    def _once(self, invoke: Callable[[Any], Any]) -> Any:
+        """One attempt, released when it returns (for client-streaming calls)."""
+        sub, inst = self._acquire(None)
+        started = time.monotonic()
+        ok = True
+        try:
+            return invoke(self._real(sub))
+        except grpc.RpcError as exc:
+            ok = not unreachable(_code(exc))
+            raise
+        finally:
+            self._pool.release(sub, inst, time.monotonic() - started, ok)
+
+    def _with_retries(
+        self, request: Any, timeout: float | None, invoke: Callable[[Any, float | None], Any]
+    ) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        key = self._hash_key(request)
+        tried: frozenset[str] = frozenset()
+        last: grpc.RpcError | None = None
+        for _ in range(self._settings.max_attempts):
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            picked = self._pool.acquire(key, tried)
+            if picked is None:
+                break
+            sub, inst = picked
+            started = time.monotonic()
+            try:
+                result = invoke(self._real(sub), remaining)
+            except grpc.RpcError as exc:
+                code = _code(exc)
+                self._pool.release(sub, inst, time.monotonic() - started, not unreachable(code))
+                details = exc.details() if callable(getattr(exc, "details", None)) else None
+                if not self._settings.retryable(self._idempotent, code, details):
+                    raise
+                log.debug(
+                    "%s on %s: %s; trying another instance", self._method, inst.address, details
+                )
+                last = exc
+                tried |= {inst.key}
+                continue
+            except BaseException:
+                self._pool.release(sub, inst, time.monotonic() - started, True)
+                raise
+            self._pool.release(sub, inst, time.monotonic() - started, True)
+            return result
+        if last is not None:
+            raise last
+        raise self._no_instance()
+
+
+class _UnaryUnary(_Method, _UnaryUnaryBase):
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        return self._with_retries(
+            request,
+            timeout,
+            lambda real, left: real(
+                request,
+                timeout=left,
+                metadata=metadata,
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            ),
+        )
+
+    def with_call(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> tuple[Any, grpc.Call]:
+        result: tuple[Any, grpc.Call] = self._with_retries(
+            request,
+            timeout,
+            lambda real, left: real.with_call(
+                request,
+                timeout=left,
+                metadata=metadata,
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            ),
+        )
+        return result
+
+    def future(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        """One attempt, no retry (a future is the caller's to handle)."""
+        return self._pinned(
+            request,
+            lambda real: real.future(
+                request,
+                timeout=timeout,
+                metadata=metadata,
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            ),
+        )
+
+
+class _UnaryStream(_Method, _UnaryStreamBase):
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        return self._pinned(
+            request,
+            lambda real: real(
+                request,
+                timeout=timeout,
+                metadata=metadata,
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            ),
+        )
+
+
+class _StreamUnary(_Method, _StreamUnaryBase):
+    def __call__(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        return self._once(
+            lambda real: real(
+                request_iterator,
+                timeout=timeout,
+                metadata=metadata,
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            ),
+        )
+
+    def with_call(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> tuple[Any, grpc.Call]:
+        result: tuple[Any, grpc.Call] = self._once(
+            lambda real: real.with_call(
+                request_iterator,
+                timeout=timeout,
+                metadata=metadata,
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            ),
+        )
+        return result
+
+    def future(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        return self._pinned(
+            None,
+            lambda real: real.future(
+                request_iterator,
+                timeout=timeout,
+                metadata=metadata,
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            ),
+        )
+
+
+class _StreamStream(_Method, _StreamStreamBase):
+    def __call__(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        return self._pinned(
+            None,
+            lambda real: real(
+                request_iterator,
+                timeout=timeout,
+                metadata=metadata,
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            ),
+        )
+
+
+def channel(
+    source: Client | SyncServiceCache,
+    service: str,
+    policy: str | Picker = "round_robin",
+    *,
+    idempotent: bool | Iterable[str] = False,
+    max_attempts: int = 3,
+    outlier: OutlierDetector | bool = True,
+    credentials: grpc.ChannelCredentials | None = None,
+    channel_options: Sequence[tuple[str, Any]] = (),
+    compression: grpc.Compression | None = None,
+    hash_key: HashKey | None = None,
+    ready_timeout: float | None = 10.0,
+    **policy_options: Any,
+) -> BalancingChannel:
+    """A ``grpc.Channel`` over the live instances of ``service``, for generated stubs.
+
+    ``source`` is an :class:`etcdisco.Client` (the channel opens a discovery cache and
+    closes it with itself, after waiting up to ``ready_timeout`` for its first list)
+    or a :class:`etcdisco.SyncServiceCache` (used as is, left open).
+    ``policy`` is a policy name (``policy_options`` configure it, e.g. ``zone="a"``)
+    or a Picker. ``idempotent``: True, or the methods ("/pkg.Svc/Method", "pkg.Svc",
+    "Method") that may be retried on another instance after UNAVAILABLE; every call
+    is retried when it never left the client. ``outlier``: True (defaults), False, or
+    an OutlierDetector. ``hash_key(method, request)`` feeds ring_hash.
+    ``credentials``, ``channel_options`` and ``compression`` apply to each sub-channel.
+    """
+    config = settings(
+        service,
+        idempotent=idempotent,
+        max_attempts=max_attempts,
+        credentials=credentials,
+        channel_options=channel_options,
+        compression=compression,
+        hash_key=hash_key,
+    )
+    picker = picker_for(policy, policy_options)
+    detector = detector_for(outlier)
+    if isinstance(source, Client):
+        cache = source.discover(service)
+        try:
+            cache.wait_ready(ready_timeout)
+        except BaseException:
+            cache.close()
+            raise
+        return BalancingChannel(cache, picker, detector, config, owns_cache=True)
+    if isinstance(source, SyncServiceCache):
+        return BalancingChannel(source, picker, detector, config, owns_cache=False)
+    raise ConfigError(
+        "channel() takes an etcdisco.Client or SyncServiceCache "
+        "(AsyncClient and ServiceCache: aio_channel())"
+    )

@@ -1,0 +1,94 @@
+"""The resources the control plane currently serves, with a revision per resource.
+
+A resource's revision changes only when its serialized content changes, so a stream
+can tell in O(subscribed names) whether what it last sent is still current, and a
+registry event that changes nothing a client sees (a metadata key nobody reads) sends
+nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import any_pb2
+
+from . import _protos as p
+from ._resources import pack
+
+TYPES = (p.LISTENER, p.ROUTE, p.CLUSTER, p.ENDPOINT)
+
+ChangeListener = Callable[[frozenset[str]], None]
+
+
+@dataclass(frozen=True)
+class Resource:
+    name: str
+    revision: int
+    body: any_pb2.Any
+
+
+class ResourceStore:
+    """Resources by type URL and name; listeners hear which types changed.
+
+    ``ready`` stays false until the registry has been read once: before that an absent
+    resource means "not loaded yet", and answering would make clients conclude that
+    their service does not exist.
+    """
+
+    def __init__(self) -> None:
+        self._by_type: dict[str, dict[str, Resource]] = {t: {} for t in TYPES}
+        self._serialized: dict[tuple[str, str], bytes] = {}
+        self._revisions = itertools.count(1)
+        self._listeners: list[ChangeListener] = []
+        self.ready = False
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: ChangeListener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def resources(self, type_url: str) -> Mapping[str, Resource]:
+        return self._by_type[type_url]
+
+    def names(self) -> set[str]:
+        """Every name that has at least one resource (the services served)."""
+        return {name for table in self._by_type.values() for name in table}
+
+    def put(self, name: str, messages: Mapping[str, Any] | None) -> frozenset[str]:
+        """Set (or with None, delete) the resources named ``name``; returns and announces
+        the type URLs whose content changed."""
+        changed: set[str] = set()
+        for type_url in TYPES:
+            table = self._by_type[type_url]
+            message = None if messages is None else messages.get(type_url)
+            key = (type_url, name)
+            if message is None:
+                if table.pop(name, None) is not None:
+                    del self._serialized[key]
+                    changed.add(type_url)
+                continue
+            data = message.SerializeToString(deterministic=True)
+            if self._serialized.get(key) == data:
+                continue
+            self._serialized[key] = data
+            table[name] = Resource(name, next(self._revisions), pack(message))
+            changed.add(type_url)
+        result = frozenset(changed)
+        if result and self.ready:
+            self._announce(result)
+        return result
+
+    def mark_ready(self) -> None:
+        """The registry has been read: every stream may now answer."""
+        if not self.ready:
+            self.ready = True
+            self._announce(frozenset(TYPES))
+
+    def _announce(self, types: frozenset[str]) -> None:
+        for listener in list(self._listeners):
+            listener(types)

@@ -1,0 +1,295 @@
+"""The sidecar agent and ``register --check``, run as a user runs them: subprocesses
+against a real etcd, with real targets for their checks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from etcdisco import AsyncClient, Status
+
+from .._proxy import TcpProxy
+from .._util import eventually
+
+CLI = [sys.executable, "-m", "etcdisco"]
+
+
+class AgentProcess:
+    """An ``etcdisco --json agent`` subprocess whose JSON lines are collected."""
+
+    def __init__(self, endpoint: str, *args: str, timeout: float = 5.0) -> None:
+        self.proc = subprocess.Popen(
+            [*CLI, "--endpoints", endpoint, "--timeout", str(timeout), "--json", "agent", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[dict[str, Any]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(json.loads(line))
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines if line.get("event") == name]
+
+    async def wait(self, name: str, count: int = 1, timeout: float = 15) -> dict[str, Any]:
+        def seen() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode}: {self.stderr()}")
+            return len(self.events(name)) >= count
+
+        await eventually(seen, timeout, f"agent never printed {name!r}: {self.lines}")
+        return self.events(name)[count - 1]
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None:
+            return "(running)"
+        return self.proc.stderr.read() if self.proc.stderr else ""
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(15)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=10)
+
+
+@pytest.fixture
+def agents() -> Iterator[list[AgentProcess]]:
+    started: list[AgentProcess] = []
+    try:
+        yield started
+    finally:
+        for agent in started:
+            agent.kill()
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[asyncio.Server]:
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    try:
+        yield server
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def port_of(server: asyncio.Server) -> int:
+    return int(server.sockets[0].getsockname()[1])
+
+
+def get(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def kvs(client: AsyncClient) -> dict[str, Any]:
+    return {kv.key.decode(): kv for kv in (await client.etcd.get("services/", prefix=True)).kvs}
+
+
+def config(tcp_port: int, *, reloaded: bool) -> str:
+    keep = f"""\
+  - name: keep
+    address: 127.0.0.1:{tcp_port}
+    metadata: {{zone: a}}
+    checks:
+      - tcp
+"""
+    if not reloaded:
+        rest = """\
+  - {name: meta, address: 127.0.0.1:7002, metadata: {version: 1}}
+  - {name: gone, address: 127.0.0.1:7003}
+  - {name: ttl, address: 127.0.0.1:7004}
+"""
+    else:
+        rest = """\
+  - {name: meta, address: 127.0.0.1:7002, metadata: {version: 2}}
+  - {name: ttl, address: 127.0.0.1:7004, ttl: 4}
+  - {name: new, address: 127.0.0.1:7005}
+"""
+    return f"defaults:\n  ttl: 3\n  interval: 0.2\nservices:\n{keep}{rest}"
+
+
+async def test_agent_registers_reloads_only_changes_and_deregisters(
+    etcd, agents, listener, tmp_path: Path
+) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(config(port_of(listener), reloaded=False))
+    ready_file = tmp_path / "ready"
+    agent = AgentProcess(
+        etcd.endpoint, "--config", str(path), "--ready-file", str(ready_file),
+        "--health-listen", "127.0.0.1:0",
+    )  # fmt: skip
+    agents.append(agent)
+    port = (await agent.wait("listening"))["port"]
+    await agent.wait("ready")
+    assert ready_file.exists()
+    status, body = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/ready")
+    assert status == 200 and body["ready"] is True
+    rows = {row["key"]: row for row in body["registrations"]}
+    keep_key = f"services/keep/127.0.0.1:{port_of(listener)}"
+    assert rows[keep_key]["health"] == "passing" and rows[keep_key]["state"] == "registered"
+    assert (await asyncio.to_thread(get, f"http://127.0.0.1:{port}/live"))[0] == 200
+
+    async with AsyncClient(etcd.endpoint) as c:
+        before = await kvs(c)
+        assert set(before) == {
+            keep_key,
+            "services/meta/127.0.0.1:7002",
+            "services/gone/127.0.0.1:7003",
+            "services/ttl/127.0.0.1:7004",
+        }
+        meta_lease = before["services/meta/127.0.0.1:7002"].lease
+
+        # A broken edit is refused and changes nothing.
+        path.write_text("services:\n  - {name: x}\n")
+        agent.proc.send_signal(signal.SIGHUP)
+        failed = await agent.wait("reload-failed")
+        assert "agent.yaml:2: services[0]: missing field 'address'" in failed["error"]
+
+        path.write_text(config(port_of(listener), reloaded=True))
+        agent.proc.send_signal(signal.SIGHUP)
+        reloaded = await agent.wait("reloaded")
+        assert reloaded["changes"] == "1 added, 1 removed, 1 updated, 1 replaced, 1 unchanged"
+
+        async def settled() -> bool:
+            return set(await kvs(c)) == {
+                keep_key,
+                "services/meta/127.0.0.1:7002",
+                "services/ttl/127.0.0.1:7004",
+                "services/new/127.0.0.1:7005",
+            }
+
+        await eventually(settled, 10, "etcd never matched the reloaded config")
+        after = await kvs(c)
+        # Untouched: not one write to its key.
+        assert after[keep_key].mod_revision == before[keep_key].mod_revision
+        # Metadata-only change: rewritten in place, under the same lease.
+        meta = after["services/meta/127.0.0.1:7002"]
+        assert meta.lease == meta_lease and b'\\"version\\":2' in meta.value
+        # TTL change: re-registered under a lease of the new TTL.
+        info = await c.etcd.lease_time_to_live(after["services/ttl/127.0.0.1:7004"].lease)
+        assert info.granted_ttl == 4
+
+        assert agent.stop() == 0
+        assert await kvs(c) == {}, "SIGTERM must remove every key of the agent"
+        assert not ready_file.exists()
+        assert agent.events("deregistered")[0]["count"] == 4
+
+
+async def test_agent_check_marks_unhealthy(etcd, agents, listener, tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    address = f"127.0.0.1:{port_of(listener)}"
+    path.write_text(
+        f'[[services]]\nname = "db"\naddress = "{address}"\nttl = 3\n'
+        'checks = [{ tcp = "", interval = 0.1, fall = 1, rise = 1 }]\n'
+    )
+    agent = AgentProcess(etcd.endpoint, "--config", str(path))
+    agents.append(agent)
+    await agent.wait("ready")
+    async with AsyncClient(etcd.endpoint) as c:
+
+        async def status() -> Status:
+            (inst,) = await c.list_instances("db")
+            return inst.status
+
+        assert await status() is Status.UP
+        listener.close()
+        await listener.wait_closed()
+        await eventually(lambda: status_is(status, Status.UNHEALTHY), 5, "never unhealthy")
+        assert agent.stop() == 0
+
+
+async def status_is(read: Any, wanted: Status) -> bool:
+    return bool(await read() is wanted)
+
+
+async def test_agent_readiness_follows_etcd(etcd, agents, tmp_path: Path) -> None:
+    proxy = TcpProxy("127.0.0.1", int(etcd.endpoint.rsplit(":", 1)[1]))
+    try:
+        path = tmp_path / "agent.yaml"
+        path.write_text("services:\n  - {name: web, address: 127.0.0.1:7100, ttl: 2}\n")
+        ready_file = tmp_path / "ready"
+        agent = AgentProcess(
+            proxy.endpoint, "--config", str(path),
+            "--ready-file", str(ready_file), "--health-listen", "127.0.0.1:0", timeout=1,
+        )  # fmt: skip
+        agents.append(agent)
+        port = (await agent.wait("listening"))["port"]
+        await agent.wait("ready")
+        proxy.cut()
+        await agent.wait("not-ready", timeout=10)
+        assert not ready_file.exists()
+        status, body = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/ready")
+        assert status == 503 and body["registrations"][0]["state"] != "registered"
+        proxy.heal()
+        await agent.wait("ready", count=2, timeout=15)
+        assert ready_file.exists()
+        assert agent.stop() == 0
+    finally:
+        proxy.close()
+
+
+def test_agent_check_config_reports_errors(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("services:\n  - name: web\n    address: 1.2.3.4:80\n    ttl: 1\n")
+    res = subprocess.run(
+        [*CLI, "agent", "--config", str(path), "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 2
+    assert "bad.yaml:4: services[0].ttl: ttl must be an integer >= 2" in res.stderr
+
+
+async def test_register_with_check_marks_unhealthy_then_deregisters(etcd, listener) -> None:
+    address = f"127.0.0.1:{port_of(listener)}"
+    args = ["register", "db", address, "--ttl", "3", "--check", "tcp", "--check-interval", "0.1"]
+    proc = subprocess.Popen(
+        [*CLI, "--endpoints", etcd.endpoint, *args, "--fall", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        async with AsyncClient(etcd.endpoint) as c:
+
+            async def status() -> Status | None:
+                found = await c.list_instances("db")
+                return found[0].status if found else None
+
+            await eventually(lambda: status_is(status, Status.UP), 15, "never registered up")
+            listener.close()
+            await listener.wait_closed()
+            await eventually(lambda: status_is(status, Status.UNHEALTHY), 5, "never unhealthy")
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 10) == 0
+            assert await c.list_instances("db") == ()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
