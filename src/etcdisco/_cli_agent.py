@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from ._cli_metrics import Listen, exposing_metrics, metrics_option
 from ._errors import ConfigError
 from ._model import parse_address
 from .health import (
@@ -146,6 +147,7 @@ def _listen_address(text: str) -> tuple[str, int]:
     help="Serve GET /ready (200/503) and /live for container probes.",
 )
 @click.option("--check-config", is_flag=True, help="Validate the config file and exit.")
+@metrics_option
 @click.pass_obj
 def agent_cmd(
     settings: Settings,
@@ -153,6 +155,7 @@ def agent_cmd(
     ready_file: str | None,
     health_listen: str | None,
     check_config: bool,
+    metrics_listen: Listen | None,
 ) -> None:
     """Register the services of a config file with their checks and keep them alive.
 
@@ -191,7 +194,7 @@ def agent_cmd(
         marker = ReadyFile(ready_file) if ready_file else None
         was_ready = False
         try:
-            async with settings.client() as client:
+            async with settings.client() as client, exposing_metrics(metrics_listen, client):
                 agent: Agent
 
                 def changed() -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from ._cli_metrics import Listen, exposing_metrics, metrics_option
 from ._errors import ConfigError
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ def _parse_policies(items: tuple[str, ...]) -> dict[str, ServicePolicy]:
     help="round_robin or ring_hash (on HEADER, else per channel) for SERVICE; repeatable. "
     "Without one, a service follows its instances' metadata lb / hash_header.",
 )
+@metrics_option
 @click.pass_obj
 def xds_cmd(
     settings: Settings,
@@ -80,6 +82,7 @@ def xds_cmd(
     zone: str,
     retries: int,
     policy: tuple[str, ...],
+    metrics_listen: Listen | None,
 ) -> None:
     """Serve the registry to gRPC clients over xDS (ADS, v3) until SIGINT/SIGTERM.
 
@@ -119,6 +122,7 @@ def xds_cmd(
         async with (
             settings.client() as client,
             XdsServer(client, listen=listen, policies=policies, retries=retries) as xds,
+            exposing_metrics(metrics_listen, client, xds),
         ):
             if settings.json:
                 click.echo(json.dumps({"listen": xds.address}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -17,6 +18,7 @@ import click
 
 from ._async_client import AsyncClient
 from ._cli_agent import HealthOptions, agent_cmd, health_options
+from ._cli_metrics import Listen, exposing_metrics, metrics_option
 from ._errors import EtcdiscoError
 from ._model import ChangeEvent, Instance
 from .etcd import DEFAULT_ENDPOINT
@@ -128,6 +130,12 @@ def _event_json(ev: ChangeEvent) -> str:
 @click.option("--user", help="etcd user; the password is read from ETCDISCO_PASSWORD.")
 @click.option("--timeout", default=5.0, show_default=True, help="Deadline of one etcd call (s).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (JSON lines).")
+@click.option(
+    "--log-level",
+    envvar="ETCDISCO_LOG_LEVEL",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    help="Log to stderr at this level (env ETCDISCO_LOG_LEVEL).",
+)
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -139,8 +147,15 @@ def cli(
     user: str | None,
     timeout: float,
     as_json: bool,
+    log_level: str | None,
 ) -> None:
     """Service registration and discovery on etcd."""
+    if log_level:
+        logging.basicConfig(
+            level=log_level.upper(),
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
     ctx.obj = Settings(endpoints, prefix, cacert, cert, key, user, timeout, as_json)
 
 
@@ -151,6 +166,7 @@ def cli(
 @click.option("--meta", multiple=True, metavar="K=V", help="Metadata entry; repeatable.")
 @click.option("--ttl", default=10, show_default=True, help="Lease TTL in seconds (>= 2).")
 @health_options
+@metrics_option
 @click.pass_obj
 def register(
     settings: Settings,
@@ -160,12 +176,13 @@ def register(
     meta: tuple[str, ...],
     ttl: int,
     health: HealthOptions,
+    metrics_listen: Listen | None,
 ) -> None:
     """Register SERVICE at ADDRESS and keep it alive until SIGINT/SIGTERM."""
     metadata = _parse_meta(meta)
 
     async def main(stop: asyncio.Event) -> None:
-        async with settings.client() as client:
+        async with settings.client() as client, exposing_metrics(metrics_listen, client):
             reg = await client.register(
                 service,
                 address,
@@ -236,12 +253,13 @@ def list_(settings: Settings, service: str | None) -> None:
 
 @cli.command()
 @click.argument("service", required=False)
+@metrics_option
 @click.pass_obj
-def watch(settings: Settings, service: str | None) -> None:
+def watch(settings: Settings, service: str | None, metrics_listen: Listen | None) -> None:
     """Print the instances, then one line per change, until interrupted."""
 
     async def main(stop: asyncio.Event) -> None:
-        async with settings.client() as client:
+        async with settings.client() as client, exposing_metrics(metrics_listen, client):
             opening = client.discover(service) if service else client.discover_all()
             async with opening as cache:
                 events = cache.events()
@@ -323,10 +341,14 @@ def _port_free(port: int) -> bool:
 @cli.command()
 @click.option("--instances", default=3, show_default=True, type=click.IntRange(2, 9))
 @click.option("--ttl", default=3, show_default=True, type=click.IntRange(2, 30))
+@click.option("--grpc", "grpc_mode", is_flag=True, help="gRPC servers: rolling restart under load.")
 @click.pass_obj
-def demo(settings: Settings, instances: int, ttl: int) -> None:
+def demo(settings: Settings, instances: int, ttl: int, grpc_mode: bool) -> None:
     """Register instances, follow them, crash one, stop one (local etcd if needed)."""
-    from ._demo import run_demo
+    if grpc_mode:
+        from ._demo_grpc import run_grpc_demo as run_demo
+    else:
+        from ._demo import run_demo
 
     async def main(stop: asyncio.Event) -> None:
         task = asyncio.ensure_future(run_demo(settings.endpoints, instances, ttl))

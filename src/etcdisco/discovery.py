@@ -66,6 +66,7 @@ class PrefixWatcher:
         self.state = CacheState.CONNECTING
         self.malformed = 0
         self.resyncs = 0
+        self.events_applied = 0
         self.last_sync = 0.0
         self._subscribers: list[ServiceCache] = []
         self._ready = asyncio.Event()
@@ -245,6 +246,7 @@ class PrefixWatcher:
                 return
 
     def _apply(self, events: tuple[Any, ...]) -> None:
+        self.events_applied += len(events)
         changes: list[ChangeEvent] = []
         for ev in events:
             kv: KeyValue = ev.kv

@@ -287,10 +287,17 @@ class LeaseKeeper:
         self._last_ack = 0.0
         self._abandoned: int | None = None
         self._closed = False
+        self.last_keepalive_latency: float | None = None
+        """Round trip of the latest successful keepalive (seconds; for metrics)."""
 
     @property
     def registrations(self) -> tuple[Registration, ...]:
         return tuple(self._registrations.values())
+
+    @property
+    def last_ack(self) -> float:
+        """``time.monotonic()`` when etcd last granted or refreshed the lease."""
+        return self._last_ack
 
     # -- attach / detach -----------------------------------------------------------
 
@@ -436,6 +443,7 @@ class LeaseKeeper:
         lease = self.lease_id
         if lease is None:
             return
+        sent = time.monotonic()
         try:
             await self._stream.keepalive(lease, timeout=interval)
         except asyncio.CancelledError:
@@ -453,6 +461,7 @@ class LeaseKeeper:
                 self._set_all(RegistrationState.RECONNECTING)
             return
         self._last_ack = time.monotonic()
+        self.last_keepalive_latency = self._last_ack - sent
         self._set_all(RegistrationState.REGISTERED)
         with contextlib.suppress(EtcdError):
             await self._verify_keys(lease)

@@ -664,3 +664,84 @@ async def test_policy_from_configuration_and_bootstrap_shape(client: AsyncClient
         "cluster": "etcdisco",
         "locality": {"region": "", "zone": "z", "sub_zone": ""},
     }
+
+
+async def test_rolling_restart_under_load_fails_no_call(
+    etcd: Any, xds: XdsServer, tmp_path: Path
+) -> None:
+    # The servers drain through etcdisco.grpc's server helper (the demo's server, which
+    # answers any method with its name): SIGTERM -> NOT_SERVING and "draining", a quiet
+    # period, deregister, stop. Each is replaced in turn while a client keeps calling;
+    # every reply takes 5 ms, so a call is in flight almost all the time.
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def line(proc: asyncio.subprocess.Process, what: str) -> dict[str, Any]:
+        assert proc.stdout is not None
+        try:
+            async with asyncio.timeout(15):
+                raw = await proc.stdout.readline()
+        except TimeoutError:
+            raise AssertionError(f"no {what} from a server in 15s (logs: {tmp_path})") from None
+        assert raw, f"a server exited ({await proc.wait()}) before its {what} (logs: {tmp_path})"
+        result: dict[str, Any] = json.loads(raw)
+        return result
+
+    async def start(name: str) -> asyncio.subprocess.Process:
+        with (tmp_path / f"{name}.log").open("wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                *[sys.executable, "-m", "etcdisco._demo_grpc_server"],
+                *["--endpoints", etcd.endpoint, "--service", "echo", "--name", name],
+                *["--quiet-period", "0.3", "--delay", "0.005"],
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
+        procs.append(proc)
+        await line(proc, "ready line")  # listening and registered
+        return proc
+
+    served: dict[str, int] = {}
+    errors: list[Any] = []
+    failed = 0
+    restarted = asyncio.Event()
+    try:
+        olds = await asyncio.gather(*(start(f"b{i}") for i in range(3)))
+        await wait_served(xds, "echo", 3)
+        async with xds_client(xds.bootstrap()) as caller:
+
+            async def load() -> None:
+                nonlocal failed
+                while not restarted.is_set():
+                    result = await caller.run(op="call", n=50)
+                    for name, count in result["counts"].items():
+                        served[name] = served.get(name, 0) + count
+                    failed += result["n_errors"]
+                    errors.extend(result["errors"])
+
+            loading = asyncio.ensure_future(load())
+            try:
+                await eventually(
+                    lambda: len(served) == 3 or loading.done(), 10, f"not all served: {served}"
+                )
+                for n, old in enumerate(olds):
+                    old.send_signal(signal.SIGTERM)
+                    drained = (await line(old, "drain report"))["drained"]
+                    # The client stopped sending to it well within the drain timeout.
+                    assert drained["quiet"], drained
+                    async with asyncio.timeout(10):
+                        assert await old.wait() == 0
+                    await start(f"r{n}")
+                    await eventually(
+                        lambda n=n: served.get(f"r{n}", 0) > 0 or loading.done(),
+                        10,
+                        f"r{n} registered but never served a call",
+                    )
+            finally:
+                restarted.set()
+                await loading
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+    assert failed == 0, f"{failed} failed calls: {errors[:5]}"
+    assert all(served.get(name, 0) > 0 for name in ("b0", "b1", "b2", "r0", "r1", "r2")), served

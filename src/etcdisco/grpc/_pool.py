@@ -107,6 +107,10 @@ class Pool(Generic[C]):
         self._pickable: tuple[Instance, ...] = ()
         self._state = _TF
         self.closed = False
+        # Counters for metrics, kept under the lock acquire() takes anyway. An
+        # acquire that excludes instances already tried is a retry.
+        self.picks = 0
+        self.retries = 0
 
     # -- membership ----------------------------------------------------------------
 
@@ -220,6 +224,9 @@ class Pool(Generic[C]):
                 if sub is None or sub.retired:
                     continue
                 sub.in_flight += 1
+                self.picks += 1
+                if exclude:
+                    self.retries += 1
             self.picker.started(inst)
             return sub, inst
         return None

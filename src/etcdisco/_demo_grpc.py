@@ -1,0 +1,408 @@
+"""``etcdisco demo --grpc``: a rolling restart of gRPC servers under load, no call lost.
+
+gRPC servers (``_demo_grpc_server``) start as processes of their own and register
+through etcdisco.grpc's server helper. Two callers call them at a steady pace: a
+balancing channel in this process (``etcdisco.grpc.aio_channel``) and a plain grpcio
+client on ``xds:///demo-echo`` in a process of its own (``_demo_grpc_xds``, with an
+embedded control plane: gRPC reads its xDS bootstrap once per process). A line a
+second shows how the calls spread. Then each server in turn gets SIGTERM and drains
+(clients see "draining" and stop picking it), deregisters and exits, and a
+replacement starts and registers, while the calls go on. The summary counts calls
+and failures; a failed call makes the demo fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import string
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+import grpc
+import grpc.aio
+
+from ._async_client import AsyncClient
+from ._demo import _Clock, _local_etcd_if_needed, _reachable
+from ._demo_grpc_server import METHOD
+from ._model import ChangeEvent, EventType, Instance
+from .grpc import AioBalancingChannel, aio_channel
+
+SERVICE = "demo-echo"
+PACE = 0.02  # seconds between two calls of one caller
+CHANNEL_CALLERS = 2
+STEP_TIMEOUT = 20.0  # for any one step (a start, a drain); a demo must never hang
+SHOW_STEADY = 2.0  # seconds of calls shown before and after the rolling restart
+
+
+class _Tally:
+    """Calls of one caller: answered per server, and failed."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.total: Counter[str] = Counter()
+        self.failed = 0
+        self.errors: list[str] = []
+        self._window: Counter[str] = Counter()
+        self._window_failed = 0
+        self._served: dict[str, asyncio.Event] = {}
+
+    @property
+    def calls(self) -> int:
+        return self.total.total() + self.failed
+
+    def answered(self, server: str) -> None:
+        self.total[server] += 1
+        self._window[server] += 1
+        self._served_event(server).set()
+
+    def failure(self, error: str) -> None:
+        self.failed += 1
+        self._window_failed += 1
+        if len(self.errors) < 5:
+            self.errors.append(error)
+
+    def _served_event(self, server: str) -> asyncio.Event:
+        return self._served.setdefault(server, asyncio.Event())
+
+    async def served_by(self, server: str) -> None:
+        await self._served_event(server).wait()
+
+    def take_window(self) -> str:
+        """Calls since the last take, as a line fragment."""
+        window, failed = self._window, self._window_failed
+        self._window, self._window_failed = Counter(), 0
+        spread = " ".join(f"{name}={n}" for name, n in sorted(window.items())) or "-"
+        return f"{self.label} {window.total() + failed:3d} calls [{spread}] {failed} failed"
+
+
+class _Server:
+    """One ``_demo_grpc_server`` process, followed through its JSON lines."""
+
+    def __init__(self, name: str, proc: asyncio.subprocess.Process, log: Path) -> None:
+        self.name = name
+        self.proc = proc
+        self.log = log
+        self.address = ""
+
+    @classmethod
+    async def spawn(cls, endpoint: str, name: str, ttl: int, logs: Path) -> _Server:
+        log = logs / f"{name}.log"
+        with log.open("wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "etcdisco._demo_grpc_server",
+                "--endpoints",
+                endpoint,
+                "--service",
+                SERVICE,
+                "--name",
+                name,
+                "--ttl",
+                str(ttl),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+            )
+        return cls(name, proc, log)
+
+    async def _line(self, what: str) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        try:
+            async with asyncio.timeout(STEP_TIMEOUT):
+                line = await self.proc.stdout.readline()
+        except TimeoutError:
+            raise click.ClickException(
+                f"{self.name}: no {what} within {STEP_TIMEOUT:.0f}s{_tail(self.log)}"
+            ) from None
+        if not line:
+            code = await self.proc.wait()
+            raise click.ClickException(
+                f"{self.name} exited ({code}) before its {what}{_tail(self.log)}"
+            )
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    async def ready(self) -> str:
+        """Wait until it listens and is registered; its advertised address."""
+        self.address = str((await self._line("ready line"))["address"])
+        return self.address
+
+    async def terminate(self) -> tuple[dict[str, Any], int]:
+        """SIGTERM, then its drain report and exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        report: dict[str, Any] = (await self._line("drain report"))["drained"]
+        async with asyncio.timeout(STEP_TIMEOUT):
+            code = await self.proc.wait()
+        return report, code
+
+    async def stop(self) -> None:
+        """Whatever state it is in: SIGTERM if it runs, SIGKILL if that hangs."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(STEP_TIMEOUT):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+def _tail(log: Path, lines: int = 10) -> str:
+    try:
+        text = "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+    return f"\n--- {log.name} ---\n{text}" if text else ""
+
+
+class _XdsCaller:
+    """The ``_demo_grpc_xds`` process and the task counting its calls."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, tally: _Tally, log: Path) -> None:
+        self.proc = proc
+        self.tally = tally
+        self.log = log
+        self._reader = asyncio.get_running_loop().create_task(self._read(), name="demo-xds-reader")
+
+    @classmethod
+    async def start(cls, endpoint: str, tally: _Tally, logs: Path) -> _XdsCaller:
+        log = logs / "xds-caller.log"
+        # Our bootstrap goes to the child; one inherited from this shell would win.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_XDS_BOOTSTRAP")}
+        with log.open("wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "etcdisco._demo_grpc_xds",
+                "--endpoints",
+                endpoint,
+                "--service",
+                SERVICE,
+                "--pace",
+                str(PACE),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+                env=env,
+            )
+        return cls(proc, tally, log)
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            result = json.loads(line)
+            if "server" in result:
+                self.tally.answered(result["server"])
+            else:
+                self.tally.failure(result["error"])
+
+    async def stop(self) -> int:
+        """Close its stdin (it ends its call and exits); every call it made is counted
+        once this returns. Its exit code."""
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            async with asyncio.timeout(STEP_TIMEOUT):
+                await self._reader
+                return await self.proc.wait()
+        except TimeoutError:
+            self.proc.kill()
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            return await self.proc.wait()
+
+
+class _Load:
+    """Owns every caller: the channel's caller tasks, the xDS process, the ticker."""
+
+    def __init__(self, clock: _Clock, channel: AioBalancingChannel) -> None:
+        self.clock = clock
+        self.channel = channel
+        self.via_channel = _Tally("channel")
+        self.via_xds = _Tally("xds")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._xds: _XdsCaller | None = None
+
+    async def start(self, endpoint: str, logs: Path) -> None:
+        loop = asyncio.get_running_loop()
+        who = self.channel.unary_unary(METHOD)
+        for i in range(CHANNEL_CALLERS):
+            self._tasks.append(loop.create_task(self._call(who), name=f"demo-caller-{i}"))
+        self._xds = await _XdsCaller.start(endpoint, self.via_xds, logs)
+        self._tasks.append(loop.create_task(self._tick(), name="demo-ticker"))
+
+    async def _call(self, who: Any) -> None:
+        while True:
+            try:
+                reply: bytes = await who(b"", timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                self.via_channel.failure(f"{exc.code().name}: {exc.details()}")
+            else:
+                self.via_channel.answered(reply.decode())
+            await asyncio.sleep(PACE)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self._say_window()
+
+    def _say_window(self) -> None:
+        self.clock.say(f"{self.via_channel.take_window()} | {self.via_xds.take_window()}")
+
+    async def served_by(self, name: str) -> None:
+        """Wait until both callers had an answer from ``name``."""
+        for tally in (self.via_channel, self.via_xds):
+            try:
+                async with asyncio.timeout(STEP_TIMEOUT):
+                    await tally.served_by(name)
+            except TimeoutError:
+                log = _tail(self._xds.log) if self._xds and tally is self.via_xds else ""
+                raise click.ClickException(
+                    f"no call through {tally.label} reached {name} within {STEP_TIMEOUT:.0f}s{log}"
+                ) from None
+
+    async def stop(self) -> int | None:
+        """Stop every caller; the xDS process's exit code (None if never started)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        code = await self._xds.stop() if self._xds is not None else None
+        self._say_window()
+        return code
+
+
+def _show_events(clock: _Clock, events: list[ChangeEvent]) -> None:
+    for ev in events:
+        name = _name(ev.instance)
+        if ev.type is EventType.ADDED:
+            clock.say(f"registry: {name} added at {ev.instance.address}")
+        elif ev.type is EventType.REMOVED:
+            clock.say(f"registry: {name} removed")
+        elif ev.previous is None or ev.previous.status is not ev.instance.status:
+            clock.say(f"registry: {name} is {ev.instance.status.value}")
+
+
+def _calls(n: int) -> str:
+    return f"{n} call" if n == 1 else f"{n} calls"
+
+
+def _name(instance: Instance) -> str:
+    return str(instance.metadata.get("name", instance.id))
+
+
+def _summary(clock: _Clock, load: _Load, xds_code: int | None) -> list[str]:
+    """Print the summary; what went wrong, if anything."""
+    problems: list[str] = []
+    clock.say("summary")
+    for label, tally in (("the balancing channel", load.via_channel), ("xDS", load.via_xds)):
+        click.echo(f"            through {label}: {tally.calls} calls, {tally.failed} failed")
+        if tally.failed:
+            problems.append(f"{tally.failed} calls through {label} failed: {tally.errors}")
+    names = sorted(load.via_channel.total.keys() | load.via_xds.total.keys())
+    click.echo(f"            {'server':<8}{'channel':>9}{'xDS':>7}")
+    for name in names:
+        click.echo(
+            f"            {name:<8}{load.via_channel.total[name]:>9}{load.via_xds.total[name]:>7}"
+        )
+    if xds_code != 0:
+        problems.append(f"the xDS caller exited with code {xds_code}")
+    return problems
+
+
+async def _rolling_restart(
+    clock: _Clock,
+    endpoint: str,
+    logs: Path,
+    ttl: int,
+    load: _Load,
+    servers: list[_Server],
+) -> None:
+    olds = list(servers)
+    for step, old in enumerate(olds, 1):
+        clock.say(f"rolling restart {step}/{len(olds)}: SIGTERM to {old.name} ({old.address})")
+        report, code = await old.terminate()
+        clock.say(
+            f"{old.name} drained in {report['waited']:.2f}s "
+            f"({'quiet' if report['quiet'] else 'drain timeout reached'}; "
+            f"{_calls(report['rpcs_while_draining'])} arrived after the drain began), "
+            f"deregistered, exited with code {code}"
+        )
+        new = await _Server.spawn(endpoint, old.name.replace("v1-", "v2-"), ttl, logs)
+        servers.append(new)
+        clock.say(f"replacement {new.name} starting")
+        await new.ready()
+        clock.say(f"{new.name} listening at {new.address} and registered")
+        await load.served_by(new.name)
+        clock.say(f"{new.name} is taking calls through the channel and through xDS")
+
+
+async def _run(
+    clock: _Clock, endpoint: str, logs: Path, servers: list[_Server], count: int, ttl: int
+) -> list[str]:
+    async with AsyncClient(endpoint) as client, client.discover(SERVICE) as cache:
+        await cache.wait_ready(10)
+        cache.add_listener(lambda events: _show_events(clock, events))
+        clock.say(
+            f"starting {count} gRPC servers of '{SERVICE}' as separate processes; each "
+            f"registers once it listens and drains on SIGTERM (ttl {ttl}s)"
+        )
+        for letter in string.ascii_lowercase[:count]:
+            servers.append(await _Server.spawn(endpoint, f"v1-{letter}", ttl, logs))
+        await asyncio.gather(*(s.ready() for s in servers))
+        async with aio_channel(client, SERVICE) as channel:
+            load = _Load(clock, channel)
+            xds_code: int | None = None
+            try:
+                clock.say(
+                    f"calling every {PACE * 1000:.0f} ms: {CHANNEL_CALLERS} callers on a "
+                    f"balancing channel here (etcdisco.grpc.aio_channel), one plain grpcio "
+                    f"client on xds:///{SERVICE} in another process (embedded control plane)"
+                )
+                await load.start(endpoint, logs)
+                for server in servers:
+                    await load.served_by(server.name)
+                clock.say("both callers reach every server; a line a second shows the spread")
+                await asyncio.sleep(SHOW_STEADY)
+                await _rolling_restart(clock, endpoint, logs, ttl, load, servers)
+                clock.say("rolling restart done; the calls go on")
+                await asyncio.sleep(SHOW_STEADY)
+            finally:
+                xds_code = await load.stop()
+        problems = _summary(clock, load, xds_code)
+        running = [s for s in servers if s.proc.returncode is None]
+        clock.say(f"stopping {', '.join(s.name for s in running)} (SIGTERM: each drains)")
+        await asyncio.gather(*(s.stop() for s in running))
+    return problems
+
+
+async def run_grpc_demo(endpoints: str, instances: int = 3, ttl: int = 3) -> None:
+    clock = _Clock()
+    problems: Sequence[str] = ()
+    with (
+        _local_etcd_if_needed(endpoints, await _reachable(endpoints), clock) as endpoint,
+        tempfile.TemporaryDirectory(prefix="etcdisco-demo-") as logs,
+    ):
+        servers: list[_Server] = []
+        try:
+            problems = await _run(clock, endpoint, Path(logs), servers, instances, ttl)
+        finally:
+            # Only after a failure or an interrupt is anything still running here.
+            await asyncio.gather(*(s.stop() for s in servers))
+            clock.say("every server process has exited; demo done")
+    if problems:
+        raise click.ClickException("; ".join(problems))
