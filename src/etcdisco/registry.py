@@ -348,9 +348,13 @@ class LeaseKeeper:
     async def restore(self, reg: Registration) -> None:
         """Put a withdrawn key back under the current lease."""
         async with self._lock:
-            reg._withdrawn = False
-            if self.lease_id is not None and reg.key in self._registrations:
-                await self._put(reg)
+            try:
+                if self.lease_id is not None and reg.key in self._registrations:
+                    await self._put(reg, restoring=True)
+            finally:
+                # Only now, so "not withdrawn" means the key is back; after a failed
+                # put the keeper's key check puts it back on a later tick.
+                reg._withdrawn = False
 
     async def detach(self, reg: Registration) -> None:
         if self._registrations.pop(reg.key, None) is None:
@@ -394,9 +398,9 @@ class LeaseKeeper:
         self._last_ack = time.monotonic()
         log.info("granted lease %x (ttl %ss)", grant.id, grant.ttl)
 
-    async def _put(self, reg: Registration) -> None:
+    async def _put(self, reg: Registration, *, restoring: bool = False) -> None:
         assert self.lease_id is not None
-        if reg._withdrawn:
+        if reg._withdrawn and not restoring:
             return
         result = await self._etcd.put(reg.key, reg.value, lease=self.lease_id)
         reg.revision = result.revision
