@@ -61,6 +61,7 @@ class PrefixWatcher:
         self.key_prefix = key_prefix  # what is watched, e.g. "services/echo/"
         self._on_idle = on_idle
         self.instances: dict[str, Instance] = {}
+        self._snapshot: tuple[Instance, ...] | None = None
         self._bad_keys: set[str] = set()
         self.revision = 0  # last revision fully applied
         self.state = CacheState.CONNECTING
@@ -128,7 +129,16 @@ class PrefixWatcher:
         for cache in list(self._subscribers):
             cache._state_changed(state)
 
+    def snapshot(self) -> tuple[Instance, ...]:
+        """The instances as a sorted tuple, rebuilt only after a change: pickers
+        recognise an unchanged snapshot by identity and keep their derived state."""
+        if self._snapshot is None:
+            self._snapshot = tuple(sorted(self.instances.values(), key=lambda i: (i.service, i.id)))
+        return self._snapshot
+
     def _publish(self, events: list[ChangeEvent]) -> None:
+        # Every change to ``instances`` ends here, so this is where the snapshot ages.
+        self._snapshot = None
         if self._expiry is not None:
             self._schedule_expiry()
         if events:
@@ -333,7 +343,7 @@ class ServiceCache:
     def instances(self) -> tuple[Instance, ...]:
         """Every known instance, suspects included (``Instance.suspect``); give it to
         a picker, which prefers live instances (see ``etcdisco._model.usable``)."""
-        return tuple(sorted(self._watcher.instances.values(), key=lambda i: (i.service, i.id)))
+        return self._watcher.snapshot()
 
     def suspects(self) -> tuple[Instance, ...]:
         """Instances held after a mass expiry: gone from etcd, kept for a while."""

@@ -484,7 +484,9 @@ class _UnaryStream(_Method, _UnaryStreamBase):
         )
 
 
-class _StreamUnary(_Method, _StreamUnaryBase):
+class _StreamingRequest(_Method):
+    """Both client-streaming kinds: pinned to one instance, request iterator as is."""
+
     def __call__(
         self,
         request_iterator: AsyncIterable[Any] | Iterable[Any] | None = None,
@@ -507,27 +509,12 @@ class _StreamUnary(_Method, _StreamUnaryBase):
         )
 
 
-class _StreamStream(_Method, _StreamStreamBase):
-    def __call__(
-        self,
-        request_iterator: AsyncIterable[Any] | Iterable[Any] | None = None,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        return self._pinned(
-            None,
-            lambda real: real(
-                request_iterator,
-                timeout=timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            ),
-        )
+class _StreamUnary(_StreamingRequest, _StreamUnaryBase):
+    pass
+
+
+class _StreamStream(_StreamingRequest, _StreamStreamBase):
+    pass
 
 
 class _OpeningChannel:
