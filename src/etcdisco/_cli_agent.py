@@ -1,4 +1,4 @@
-"""``etcdisco agent`` and the health-check options of ``etcdisco register``.
+"""``etcdisco agent``, and the health-check and probe options of ``etcdisco register``.
 
 Both build checks with :func:`etcdisco.health.parse_check` and register through
 ``AsyncClient.register(checks=...)``: the one-service shortcut and the agent are the
@@ -128,6 +128,38 @@ def _listen_address(text: str) -> tuple[str, int]:
     return host, 0 if any_port else port
 
 
+@dataclass(frozen=True)
+class ProbeOptions:
+    """What ``--ready-file`` and ``--health-listen`` asked for."""
+
+    ready_file: str | None
+    listen: tuple[str, int] | None
+
+
+def probe_options(command: F) -> F:
+    """Add ``--ready-file`` and ``--health-listen`` (container readiness probes) to a
+    command, handed to it as one ``probes: ProbeOptions`` argument."""
+
+    @functools.wraps(command)
+    def wrapper(
+        *args: Any, ready_file: str | None, health_listen: str | None, **kwargs: Any
+    ) -> Any:
+        listen = _listen_address(health_listen) if health_listen else None
+        return command(*args, probes=ProbeOptions(ready_file, listen), **kwargs)
+
+    decorated: Callable[..., Any] = click.option(
+        "--health-listen",
+        metavar="HOST:PORT",
+        help="Serve GET /ready (200/503) and /live for container probes (port 0: any).",
+    )(wrapper)
+    decorated = click.option(
+        "--ready-file",
+        type=click.Path(dir_okay=False),
+        help="A file that exists exactly while every registration is live.",
+    )(decorated)
+    return decorated  # type: ignore[return-value]
+
+
 @click.command("agent")
 @click.option(
     "--config",
@@ -136,24 +168,14 @@ def _listen_address(text: str) -> tuple[str, int]:
     type=click.Path(dir_okay=False),
     help="Services to register (YAML or TOML); reloaded on SIGHUP.",
 )
-@click.option(
-    "--ready-file",
-    type=click.Path(dir_okay=False),
-    help="A file that exists exactly while every registration is live.",
-)
-@click.option(
-    "--health-listen",
-    metavar="HOST:PORT",
-    help="Serve GET /ready (200/503) and /live for container probes.",
-)
+@probe_options
 @click.option("--check-config", is_flag=True, help="Validate the config file and exit.")
 @metrics_option
 @click.pass_obj
 def agent_cmd(
     settings: Settings,
     config_path: str,
-    ready_file: str | None,
-    health_listen: str | None,
+    probes: ProbeOptions,
     check_config: bool,
     metrics_listen: Listen | None,
 ) -> None:
@@ -172,7 +194,7 @@ def agent_cmd(
     if check_config:
         click.echo(f"{config_path}: {len(specs)} service(s), valid")
         return
-    listen = _listen_address(health_listen) if health_listen else None
+    ready_file, listen = probes.ready_file, probes.listen
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO,

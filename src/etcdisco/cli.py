@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from ._async_client import AsyncClient
-from ._cli_agent import HealthOptions, agent_cmd, health_options
+from ._cli_agent import HealthOptions, ProbeOptions, agent_cmd, health_options, probe_options
 from ._cli_metrics import Listen, exposing_metrics, metrics_option
 from ._errors import EtcdiscoError
 from ._model import ChangeEvent, Instance
@@ -166,6 +166,7 @@ def cli(
 @click.option("--meta", multiple=True, metavar="K=V", help="Metadata entry; repeatable.")
 @click.option("--ttl", default=10, show_default=True, help="Lease TTL in seconds (>= 2).")
 @health_options
+@probe_options
 @metrics_option
 @click.pass_obj
 def register(
@@ -176,37 +177,67 @@ def register(
     meta: tuple[str, ...],
     ttl: int,
     health: HealthOptions,
+    probes: ProbeOptions,
     metrics_listen: Listen | None,
 ) -> None:
     """Register SERVICE at ADDRESS and keep it alive until SIGINT/SIGTERM."""
+    from .agent import ProbeServer, ReadyFile, describe
+
     metadata = _parse_meta(meta)
 
     async def main(stop: asyncio.Event) -> None:
-        async with settings.client() as client, exposing_metrics(metrics_listen, client):
-            reg = await client.register(
-                service,
-                address,
-                instance_id=instance_id,
-                metadata=metadata,
-                ttl=ttl,
-                checks=health.checks,
-                on_failing=health.on_failing,
-            )
-            _say_registered(settings, reg)
+        marker = ReadyFile(probes.ready_file) if probes.ready_file else None
+        probe: ProbeServer | None = None
+        try:
+            async with settings.client() as client, exposing_metrics(metrics_listen, client):
+                reg = await client.register(
+                    service,
+                    address,
+                    instance_id=instance_id,
+                    metadata=metadata,
+                    ttl=ttl,
+                    checks=health.checks,
+                    on_failing=health.on_failing,
+                )
+                _say_registered(settings, reg)
 
-            def on_state(r: Registration, state: RegistrationState) -> None:
-                if settings.json:
-                    click.echo(json.dumps({"key": r.key, "state": state.value}))
-                else:
-                    click.echo(f"{r.key}: {state.value}")
+                def on_state(r: Registration, state: RegistrationState) -> None:
+                    if marker is not None:
+                        marker.update(state is RegistrationState.REGISTERED)
+                    if settings.json:
+                        click.echo(json.dumps({"key": r.key, "state": state.value}))
+                    else:
+                        click.echo(f"{r.key}: {state.value}")
 
-            reg.add_listener(on_state)
-            await stop.wait()
-            await reg.deregister()
-            if not settings.json:
-                click.echo(f"deregistered {reg.key}")
+                def status() -> dict[str, Any]:
+                    ready = reg.state is RegistrationState.REGISTERED
+                    return {"ready": ready, "registrations": [describe(reg)]}
+
+                reg.add_listener(on_state)
+                if marker is not None:
+                    marker.update(reg.state is RegistrationState.REGISTERED)
+                if probes.listen is not None:
+                    probe = ProbeServer(status, *probes.listen)
+                    await probe.start()
+                    _say(settings, "listening", f"probes on port {probe.port}", port=probe.port)
+                await stop.wait()
+                await reg.deregister()
+                if not settings.json:
+                    click.echo(f"deregistered {reg.key}")
+        finally:
+            if probe is not None:
+                await probe.close()
+            if marker is not None:
+                marker.update(False)
 
     run_until_signal(main)
+
+
+def _say(settings: Settings, event: str, text: str, **fields: Any) -> None:
+    if settings.json:
+        click.echo(json.dumps({"event": event, **fields}, sort_keys=True))
+    else:
+        click.echo(text)
 
 
 def _say_registered(settings: Settings, reg: Registration) -> None:

@@ -26,11 +26,14 @@ CLI = [sys.executable, "-m", "etcdisco"]
 
 
 class AgentProcess:
-    """An ``etcdisco --json agent`` subprocess whose JSON lines are collected."""
+    """An ``etcdisco --json agent`` (or other long-running command) subprocess whose
+    JSON lines are collected."""
 
-    def __init__(self, endpoint: str, *args: str, timeout: float = 5.0) -> None:
+    def __init__(
+        self, endpoint: str, *args: str, timeout: float = 5.0, command: str = "agent"
+    ) -> None:
         self.proc = subprocess.Popen(
-            [*CLI, "--endpoints", endpoint, "--timeout", str(timeout), "--json", "agent", *args],
+            [*CLI, "--endpoints", endpoint, "--timeout", str(timeout), "--json", command, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -293,3 +296,33 @@ async def test_register_with_check_marks_unhealthy_then_deregisters(etcd, listen
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=10)
+
+
+async def test_register_readiness_follows_the_lease(etcd, agents, tmp_path: Path) -> None:
+    ready_file = tmp_path / "ready"
+    reg = AgentProcess(
+        etcd.endpoint, "db", "127.0.0.1:7100", "--ttl", "2", "--ready-file", str(ready_file),
+        "--health-listen", "127.0.0.1:0", timeout=1.0, command="register",
+    )  # fmt: skip
+    agents.append(reg)
+    port = (await reg.wait("listening"))["port"]
+    url = f"http://127.0.0.1:{port}/ready"
+
+    def ready_is(expected: bool) -> bool:
+        status, body = get(url)
+        return status == (200 if expected else 503) and ready_file.exists() is expected
+
+    await eventually(lambda: ready_is(True), 10, "register never became ready")
+    body = get(url)[1]
+    assert body["registrations"][0]["key"] == "services/db/127.0.0.1:7100"
+
+    # etcd frozen past the TTL: the lease is gone, so the instance must not claim ready.
+    etcd.pause()
+    try:
+        await eventually(lambda: ready_is(False), 15, "still ready with etcd frozen past the TTL")
+    finally:
+        etcd.resume()
+    await eventually(lambda: ready_is(True), 15, "not ready again after etcd came back")
+
+    assert reg.stop() == 0
+    assert not ready_file.exists()

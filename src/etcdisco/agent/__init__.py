@@ -5,7 +5,7 @@
 SIGHUP touching only what changed, and deregisters everything on SIGTERM.
 """
 
-from ._agent import Agent, Changes
+from ._agent import Agent, Changes, describe
 from ._config import ServiceSpec, load_config, parse_config
 from ._probe import ProbeServer, ReadyFile
 
@@ -15,6 +15,7 @@ __all__ = [
     "ProbeServer",
     "ReadyFile",
     "ServiceSpec",
+    "describe",
     "load_config",
     "parse_config",
 ]

@@ -160,20 +160,12 @@ class Agent:
         """The agent's state as JSON-ready data (the readiness endpoint's body)."""
         rows = []
         for key, slot in sorted(self._slots.items()):
-            reg = slot.reg
-            health = reg.health if reg is not None else None
-            rows.append(
-                {
-                    "key": key,
-                    "address": slot.spec.address,
-                    "state": reg.state.value if reg is not None else "pending",
-                    "lease": reg.lease_id if reg is not None else None,
-                    "health": health.value if health is not None else None,
-                    "withdrawn": reg.withdrawn if reg is not None else False,
-                    "failures": list(reg.health_failures) if reg is not None else [],
-                    "error": slot.error,
-                }
-            )
+            if slot.reg is not None:
+                row = describe(slot.reg)
+            else:
+                row = {"key": key, "address": slot.spec.address, "state": "pending"}
+                row.update(lease=None, health=None, withdrawn=False, failures=[])
+            rows.append({**row, "error": slot.error})
         return {"ready": self.ready, "registrations": rows}
 
     async def apply(self, specs: Sequence[ServiceSpec]) -> Changes:
@@ -242,3 +234,17 @@ class Agent:
                 self._on_change()
             except Exception:
                 log.exception("agent change listener failed")
+
+
+def describe(reg: Registration) -> dict[str, Any]:
+    """One registration as the readiness endpoint shows it."""
+    health = reg.health
+    return {
+        "key": reg.key,
+        "address": reg.address,
+        "state": reg.state.value,
+        "lease": reg.lease_id,
+        "health": health.value if health is not None else None,
+        "withdrawn": reg.withdrawn,
+        "failures": list(reg.health_failures),
+    }
