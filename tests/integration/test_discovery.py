@@ -20,6 +20,11 @@ GARBAGE = {
     "services/echo/delete-op": '{"Op":1,"Addr":"10.0.0.9:80"}',
     "services/echo/bad-addr": '{"Addr":"nohost"}',
     "services/echo/deep": "[" * 5000 + "]" * 5000,
+    # Addresses that try to smuggle something into a dialer or a log line.
+    "services/echo/newline": '{"Addr":"10.0.0.9:80\\nINFO fake log line"}',
+    "services/echo/scheme": '{"Addr":"unix:///var/run/docker.sock"}',
+    "services/echo/list": '{"Addr":"10.0.0.9:80,10.0.0.10:80"}',
+    "services/echo/shell": '{"Addr":"$(reboot):80"}',
 }
 
 
@@ -39,11 +44,14 @@ async def test_reads_foreign_formats_and_skips_garbage(etcd) -> None:
         # garbage stops naming an instance.
         events = cache.events()
         await c.etcd.put("services/echo/late", b"\xff\xfe\x00")
+        # Over the 1 MiB limit, though etcd (1.5 MiB per request) stores it.
+        huge = '{"Addr":"10.0.0.8:80","Metadata":"' + "x" * 1_400_000 + '"}'
+        await c.etcd.put("services/echo/huge", huge)
         await c.etcd.put("services/echo/1.2.3.4:80", "{}")
         ev = await wait_event(events, EventType.REMOVED, "services/echo/1.2.3.4:80", 5)
         assert ev.instance.address == "1.2.3.4:80"
-        assert cache.malformed == len(GARBAGE) + 2
-        assert "services/echo/late" not in {i.key for i in cache.instances()}
+        assert cache.malformed == len(GARBAGE) + 3
+        assert {i.key for i in cache.instances()} == set(FOREIGN) - {ev.instance.key}
 
 
 async def test_keys_outside_the_layout_are_ignored(etcd) -> None:
