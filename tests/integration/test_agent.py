@@ -309,7 +309,7 @@ async def test_register_readiness_follows_the_lease(etcd, agents, tmp_path: Path
     url = f"http://127.0.0.1:{port}/ready"
 
     def ready_is(expected: bool) -> bool:
-        status, body = get(url)
+        status = get(url)[0]
         return status == (200 if expected else 503) and ready_file.exists() is expected
 
     await eventually(lambda: ready_is(True), 10, "register never became ready")

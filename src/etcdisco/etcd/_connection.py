@@ -274,6 +274,15 @@ def _is_invalid_token(exc: grpc.aio.AioRpcError) -> bool:
     )
 
 
+# etcd 3.4 refuses a missing client certificate only after the TLS 1.3 handshake, so
+# gRPC reports a corrupt frame instead of naming the certificate.
+_TLS_FAILURE_MARKERS = ("TSI_DATA_CORRUPTED", "CERTIFICATE", "Tls handshake failed", "SSL")
+_TLS_HINT = (
+    "a TLS failure: does etcd require a client certificate (--cert/--key), "
+    "and does --cacert sign etcd's certificate?"
+)
+
+
 def map_error(
     exc: grpc.aio.AioRpcError, endpoints: tuple[str, ...] = (), *, timed_out: bool = False
 ) -> EtcdError:
@@ -293,5 +302,7 @@ def map_error(
             f"etcd call timed out ({details}); endpoints: {', '.join(endpoints)}"
         )
     if code == grpc.StatusCode.UNAVAILABLE or timed_out:
+        if any(marker in details for marker in _TLS_FAILURE_MARKERS):
+            details += f" ({_TLS_HINT})"
         return UnavailableError(f"etcd unavailable: {details}", endpoints)
     return EtcdError(f"etcd error {code.name}: {details}")
