@@ -65,6 +65,10 @@ _CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Cs"})
 
 
 def _bad_char(text: str, *, allow_whitespace: bool) -> str | None:
+    # Fast path for the usual case: printable ASCII has no Cc/Cf/Cs character, and
+    # its only whitespace is the space.
+    if text.isascii() and text.isprintable() and (allow_whitespace or " " not in text):
+        return None
     for index, char in enumerate(text):
         if unicodedata.category(char) in _CONTROL_CATEGORIES:
             return f"control or invisible character {char!r} at position {index}"

@@ -55,6 +55,10 @@ from .health._guard import HealthGuard, OnFailing, validate_checks
 log = logging.getLogger("etcdisco.registry")
 
 MIN_TTL = 2  # etcd's minimum with the default election timeout
+# One txn of first writes stays within etcd's defaults: --max-txn-ops 128 and a
+# 1.5 MiB request limit.
+_MAX_BATCH_OPS = 128
+_MAX_BATCH_BYTES = 512 * 1024
 
 
 class RegistrationState(enum.StrEnum):
@@ -280,6 +284,8 @@ class LeaseKeeper:
         self.ttl = ttl
         self.lease_id: int | None = None
         self._registrations: dict[str, Registration] = {}
+        # Attached, first write not done yet: the next lock holder writes them.
+        self._unwritten: dict[str, Registration] = {}
         self._backoff = backoff or Backoff(initial=0.2, maximum=max(ttl / 2, 1.0))
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -306,17 +312,24 @@ class LeaseKeeper:
         if reg.key in self._registrations:
             raise ConfigError(f"{reg.key} is already registered by this client")
         self._registrations[reg.key] = reg
+        self._unwritten[reg.key] = reg
         try:
             async with self._lock:
-                if self.lease_id is None:
-                    await self._grant()
-                try:
-                    await self._put(reg)
-                except LeaseNotFoundError:
-                    # The lease died unseen (no keepalive runs while nothing is attached).
-                    await self._grant()
-                    await self._put(reg)
+                # Whoever holds the lock writes every first write queued behind it in
+                # one txn: many register() calls at once cost a few round trips, not
+                # one each. A failed batch leaves its members queued; each retries.
+                if reg.key in self._unwritten:
+                    batch = self._next_batch(reg)
+                    if self.lease_id is None:
+                        await self._grant()
+                    try:
+                        await self._put_batch(batch)
+                    except LeaseNotFoundError:
+                        # The lease died unseen (no keepalive runs while nothing is attached).
+                        await self._grant()
+                        await self._put_batch(batch)
         except BaseException:
+            self._unwritten.pop(reg.key, None)
             self._registrations.pop(reg.key, None)
             if not self._registrations and self.lease_id is not None:
                 # Nothing keeps this lease alive now: let the next attach start afresh.
@@ -326,6 +339,38 @@ class LeaseKeeper:
             raise
         reg._set_state(RegistrationState.REGISTERED)
         self._ensure_task()
+
+    def _next_batch(self, first: Registration) -> list[Registration]:
+        batch = [first]
+        size = len(first.key) + len(first.value)
+        for other in self._unwritten.values():
+            if len(batch) >= _MAX_BATCH_OPS or size >= _MAX_BATCH_BYTES:
+                break
+            if other is not first:
+                batch.append(other)
+                size += len(other.key) + len(other.value)
+        return batch
+
+    async def _put_batch(self, batch: list[Registration]) -> None:
+        lease = self.lease_id
+        assert lease is not None
+        todo = [reg for reg in batch if not reg._withdrawn]
+        if todo:
+            ops = [Op.put(reg.key, reg.value, lease=lease) for reg in todo]
+            result = await self._etcd.txn([], ops)
+            for reg in todo:
+                reg.revision = result.revision
+                reg._written_status = reg._status
+        for reg in batch:
+            self._unwritten.pop(reg.key, None)
+        # A member whose register() was cancelled while the txn ran must not stay
+        # behind under a lease that lives on for the others.
+        for reg in todo:
+            if self._registrations.get(reg.key) is not reg:
+                with contextlib.suppress(EtcdError):
+                    await self._etcd.txn(
+                        [Compare.lease(reg.key, "==", lease)], [Op.delete(reg.key)]
+                    )
 
     async def write(self, reg: Registration) -> None:
         async with self._lock:
@@ -514,12 +559,20 @@ class LeaseKeeper:
 
     async def _verify_keys(self, lease: int) -> None:
         """Put back keys that were deleted from outside while the lease lives."""
+        # Only keys written before the lookup can be judged by its answer: a
+        # registration still waiting for its first write (a batch of register()
+        # calls queued on the lock) is absent from it but about to be written.
+        settled = [
+            reg
+            for reg in self._registrations.values()
+            if reg.state is not RegistrationState.PENDING
+        ]
         try:
             info = await self._etcd.lease_time_to_live(lease, keys=True)
         except EtcdError:
             return  # the next tick tries again
         bound = {k.decode("utf-8", "replace") for k in info.keys}
-        for reg in list(self._registrations.values()):
+        for reg in settled:
             if reg.key in bound:
                 reg._conflict_logged = False
                 continue

@@ -346,7 +346,10 @@ async def test_withdraw_mode_removes_and_restores_the_key(etcd, http_target: Htt
 
         http_target.status = 200
         ev = await wait_event(events, EventType.ADDED, reg.key, 5)
-        assert ev.instance.status is Status.UP and not reg.withdrawn
+        assert ev.instance.status is Status.UP
+        # The watch can deliver the key before the put's own answer arrives, and
+        # "not withdrawn" is only said once the put has returned.
+        await eventually(lambda: not reg.withdrawn, 5, "key is back but still withdrawn")
         assert reg.lease_id == lease and (await server.etcd.get(reg.key)).kvs[0].lease == lease
         await reg.deregister()
         await wait_event(events, EventType.REMOVED, reg.key, 5)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 
 import pytest
@@ -114,6 +116,34 @@ async def test_bad_input_is_refused_before_anything_is_written(etcd, kwargs, mes
         assert (await c.etcd.get("services/", prefix=True)).kvs == ()
     if "0.0.0.0" in message:
         assert isinstance(info.value, InvalidAddressError)
+
+
+async def test_many_registrations_at_once_are_batched_and_healed_alone(
+    etcd, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "etcdisco.registry")
+    async with AsyncClient(etcd.endpoint) as c:
+        regs = await asyncio.gather(
+            *(c.register(f"s{n % 10}", f"127.0.0.1:{10000 + n}", ttl=2) for n in range(1000))
+        )
+        assert {r.state for r in regs} == {RegistrationState.REGISTERED}
+        assert len({r.lease_id for r in regs}) == 1
+        kvs = (await c.etcd.get("services/", prefix=True)).kvs
+        assert len(kvs) == 1000
+        # Queued first writes go out together (at most 128 per txn), not one each.
+        assert len({kv.mod_revision for kv in kvs}) <= 1000 // 128 + 2
+
+        # The keeper's key check after a keepalive must heal exactly the deleted key
+        # and must not take the others for keys that a twin holds.
+        etcd.etcdctl("del", regs[500].key)
+
+        async def back() -> bool:
+            got = await c.etcd.get(regs[500].key)
+            return bool(got.kvs) and got.kvs[0].lease == regs[500].lease_id
+
+        await eventually(back, 10, "deleted key was not put back")
+        assert [r.re_registrations for r in regs].count(0) == 999
+        assert "held by another lease" not in caplog.text
 
 
 async def test_external_delete_is_put_back_under_the_lease(etcd) -> None:
