@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from typing import TYPE_CHECKING
@@ -10,13 +11,15 @@ from typing import TYPE_CHECKING
 import click
 
 from ._cli_metrics import Listen, exposing_metrics, metrics_option
-from ._errors import ConfigError
+from ._errors import ConfigError, EtcdTimeoutError
 
 if TYPE_CHECKING:
     # Imported for types only: a module-level import of .cli (which imports this module)
     # leaves mypy unable to type the command inside the import cycle.
     from .cli import Settings
-    from .grpc.xds import ServicePolicy
+    from .grpc.xds import ServicePolicy, XdsServer, XdsTls
+
+_FILE = click.Path(dir_okay=False)
 
 
 def _parse_policies(items: tuple[str, ...]) -> dict[str, ServicePolicy]:
@@ -38,6 +41,77 @@ def _parse_policies(items: tuple[str, ...]) -> dict[str, ServicePolicy]:
     return policies
 
 
+def _tls(
+    cert: str | None,
+    key: str | None,
+    client_ca: str | None,
+    bootstrap_cacert: str | None,
+    bootstrap_cert: str | None,
+    bootstrap_key: str | None,
+) -> XdsTls | None:
+    from .grpc.xds import XdsTls as Tls
+
+    if (cert is None) != (key is None):
+        raise click.UsageError("--xds-cert and --xds-key go together")
+    if cert is None or key is None:
+        given = [
+            name
+            for name, value in (
+                ("--xds-client-ca", client_ca),
+                ("--bootstrap-cacert", bootstrap_cacert),
+                ("--bootstrap-cert", bootstrap_cert),
+                ("--bootstrap-key", bootstrap_key),
+            )
+            if value is not None
+        ]
+        if given:
+            # Without a certificate the port is plaintext: TLS settings would be a lie.
+            raise click.UsageError(
+                f"{', '.join(given)}: only with --xds-cert and --xds-key "
+                "(without them the port is plaintext)"
+            )
+        return None
+    if (bootstrap_cert is None) != (bootstrap_key is None):
+        raise click.UsageError("--bootstrap-cert and --bootstrap-key go together")
+    return Tls(
+        cert,
+        key,
+        client_ca,
+        client_cacert=bootstrap_cacert,
+        client_cert=bootstrap_cert,
+        client_key=bootstrap_key,
+    )
+
+
+async def _wait_registry(xds: XdsServer, stop: asyncio.Event, every: float) -> bool:
+    """Wait until the registry has been read (True) or ``stop`` is set (False), saying
+    on stderr why etcd does not answer (a TLS or auth failure, say) while it does not."""
+    said: set[str] = set()
+    stopping = asyncio.ensure_future(stop.wait())
+    ready: asyncio.Future[None] | None = None
+    try:
+        while True:
+            ready = asyncio.ensure_future(xds.wait_ready(every))
+            await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not ready.done():
+                return False
+            try:
+                ready.result()
+                return True
+            except EtcdTimeoutError as exc:
+                # Once per distinct reason: the control plane keeps trying, quietly.
+                # (The first may carry no reason yet: etcd's first answer is pending.)
+                if str(exc) not in said:
+                    said.add(str(exc))
+                    click.echo(f"etcdisco: warning: registry not read yet: {exc}", err=True)
+    finally:
+        for waiter in (stopping, ready):
+            if waiter is not None and not waiter.done():
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
+
+
 @click.command("xds")
 @click.option(
     "--listen",
@@ -50,6 +124,29 @@ def _parse_policies(items: tuple[str, ...]) -> dict[str, ServicePolicy]:
     is_flag=True,
     help="Print the gRPC xDS bootstrap JSON for clients of this server, and exit.",
 )
+@click.option(
+    "--xds-cert",
+    type=_FILE,
+    help="Serve ADS over TLS with this certificate (PEM; it must name the host clients dial).",
+)
+@click.option("--xds-key", type=_FILE, help="The private key of --xds-cert.")
+@click.option(
+    "--xds-client-ca",
+    type=_FILE,
+    help="Serve only clients with a certificate signed by this CA (mutual TLS).",
+)
+@click.option(
+    "--bootstrap-cacert",
+    type=_FILE,
+    help="For --print-bootstrap with TLS: the CA clients verify this server with, as a "
+    "path on the clients' hosts (default: their system's roots).",
+)
+@click.option(
+    "--bootstrap-cert",
+    type=_FILE,
+    help="For --print-bootstrap with mutual TLS: the clients' certificate.",
+)
+@click.option("--bootstrap-key", type=_FILE, help="The private key of --bootstrap-cert.")
 @click.option(
     "--server-uri",
     metavar="HOST:PORT",
@@ -77,6 +174,12 @@ def xds_cmd(
     settings: Settings,
     listen: str,
     print_bootstrap: bool,
+    xds_cert: str | None,
+    xds_key: str | None,
+    xds_client_ca: str | None,
+    bootstrap_cacert: str | None,
+    bootstrap_cert: str | None,
+    bootstrap_key: str | None,
     server_uri: str | None,
     node_id: str | None,
     zone: str,
@@ -87,7 +190,10 @@ def xds_cmd(
     """Serve the registry to gRPC clients over xDS (ADS, v3) until SIGINT/SIGTERM.
 
     Clients in any language then dial xds:///SERVICE with the bootstrap from
-    --print-bootstrap in the file named by GRPC_XDS_BOOTSTRAP.
+    --print-bootstrap in the file named by GRPC_XDS_BOOTSTRAP. With --xds-cert and
+    --xds-key the port speaks TLS (mutual TLS with --xds-client-ca), and the printed
+    bootstrap gives clients gRFC A65 "tls" credentials (--bootstrap-* files).
+    The listening line is printed once the registry has been read.
     """
     from .cli import fail, run_until_signal
 
@@ -103,6 +209,7 @@ def xds_cmd(
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--listen") from None
     policies = _parse_policies(policy)
+    tls = _tls(xds_cert, xds_key, xds_client_ca, bootstrap_cacert, bootstrap_cert, bootstrap_key)
 
     if print_bootstrap:
         if server_uri is None:
@@ -112,8 +219,19 @@ def xds_cmd(
                     "(the address clients reach this server at)"
                 )
             server_uri = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if tls is not None and tls.client_ca is not None and tls.client_cert is None:
+            fail(
+                "the control plane requires client certificates (--xds-client-ca): "
+                "give --bootstrap-cert and --bootstrap-key for its clients"
+            )
         config = bootstrap_config(
-            server_uri, node_id=node_id or f"etcdisco-{socket.gethostname()}", zone=zone
+            server_uri,
+            node_id=node_id or f"etcdisco-{socket.gethostname()}",
+            zone=zone,
+            tls=tls is not None,
+            cacert=bootstrap_cacert,
+            cert=bootstrap_cert,
+            key=bootstrap_key,
         )
         click.echo(json.dumps(config, indent=2))
         return
@@ -121,9 +239,11 @@ def xds_cmd(
     async def main(stop: asyncio.Event) -> None:
         async with (
             settings.client() as client,
-            XdsServer(client, listen=listen, policies=policies, retries=retries) as xds,
+            XdsServer(client, listen=listen, policies=policies, retries=retries, tls=tls) as xds,
             exposing_metrics(metrics_listen, client, xds),
         ):
+            if not await _wait_registry(xds, stop, max(settings.timeout, 1.0)):
+                return
             if settings.json:
                 click.echo(json.dumps({"listen": xds.address}))
             else:

@@ -8,6 +8,9 @@ Two ways to run it:
 - embedded in a Python client: ``await start_embedded(client)`` (asyncio) or
   ``install()`` (blocking code), once, before the first ``xds:///`` channel.
 
+Either serves plaintext ADS, or TLS / mutual TLS given an :class:`XdsTls`; the
+bootstraps then carry gRFC A65 ``tls`` channel credentials.
+
 Every registered service ``S`` is served as a Listener, RouteConfiguration, Cluster
 and ClusterLoadAssignment named ``S`` (see ``_resources``): round robin by default or
 ring hash on a header, retries on UNAVAILABLE, one locality per zone, draining and
@@ -17,7 +20,7 @@ unhealthy instances sent as such so that clients stop picking them at once.
 from ._bootstrap import bootstrap_config
 from ._embedded import BOOTSTRAP_CONFIG_ENV, BOOTSTRAP_ENV, EmbeddedXds, install, start_embedded
 from ._resources import DEFAULT_RETRIES, LB_POLICIES, MAX_RETRIES, ServicePolicy
-from ._server import XdsServer
+from ._server import XdsServer, XdsTls
 
 __all__ = [
     "BOOTSTRAP_CONFIG_ENV",
@@ -28,6 +31,7 @@ __all__ = [
     "EmbeddedXds",
     "ServicePolicy",
     "XdsServer",
+    "XdsTls",
     "bootstrap_config",
     "install",
     "start_embedded",

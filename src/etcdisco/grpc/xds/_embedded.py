@@ -23,7 +23,7 @@ from ..._async_client import AsyncClient
 from ..._errors import ConfigError
 from ...sync import Client, _LoopThread
 from ._resources import DEFAULT_RETRIES, ServicePolicy
-from ._server import XdsServer
+from ._server import XdsServer, XdsTls
 
 log = logging.getLogger("etcdisco.xds")
 
@@ -55,6 +55,7 @@ async def start_embedded(
     zone: str = "",
     node_id: str | None = None,
     timeout: float = 10.0,
+    tls: XdsTls | None = None,
 ) -> XdsServer:
     """Start a control plane on a loopback ephemeral port, fed by ``client``'s registry,
     and point this process's gRPC at it (``GRPC_XDS_BOOTSTRAP_CONFIG``).
@@ -70,9 +71,20 @@ async def start_embedded(
     The server runs on the caller's event loop: a *blocking* gRPC call made on that
     loop's thread would starve it, so use ``grpc.aio`` channels there, or sync
     channels from other threads (or :func:`install`, which has its own thread).
+
+    ``tls`` (:class:`XdsTls`) serves the loopback port over TLS, or mutual TLS with
+    ``client_ca``, so that other local users cannot read the registry through it; the
+    bootstrap then names its ``client_*`` files, and the server certificate must name
+    127.0.0.1.
     """
     return await _start(
-        client, policies=policies, retries=retries, zone=zone, node_id=node_id, timeout=timeout
+        client,
+        policies=policies,
+        retries=retries,
+        zone=zone,
+        node_id=node_id,
+        timeout=timeout,
+        tls=tls,
     )
 
 
@@ -84,9 +96,15 @@ async def _start(
     zone: str,
     node_id: str | None,
     timeout: float,
+    tls: XdsTls | None,
 ) -> _EmbeddedServer:
     _check_environment()
-    server = _EmbeddedServer(client, listen="127.0.0.1:0", policies=policies, retries=retries)
+    server = _EmbeddedServer(
+        client, listen="127.0.0.1:0", policies=policies, retries=retries, tls=tls
+    )
+    if tls is not None:
+        # Fails (before listening) when this process could not be a client of it.
+        tls.bootstrap_options()
     await server.start()
     try:
         await server.wait_ready(timeout)
@@ -168,6 +186,7 @@ def install(
     key: str | None = None,
     username: str | None = None,
     password: str | None = None,
+    xds_tls: XdsTls | None = None,
 ) -> EmbeddedXds:
     """The blocking twin of :func:`start_embedded`: call it once, early (before the
     process creates its first ``xds:///`` channel), then use plain
@@ -175,7 +194,9 @@ def install(
 
     The control plane runs on a private event-loop thread: on ``client``'s (an
     :class:`etcdisco.Client`), else on a new one with a client of its own built from
-    ``endpoints`` (default ``$ETCDISCO_ENDPOINTS``) and the TLS/auth arguments.
+    ``endpoints`` (default ``$ETCDISCO_ENDPOINTS``) and the TLS/auth arguments
+    (``cacert``, ``cert``, ``key``, ``username``, ``password``: those are for etcd;
+    ``xds_tls`` is the control plane's own port, as ``tls`` of :func:`start_embedded`).
     """
     options: dict[str, Any] = {
         "policies": policies,
@@ -183,6 +204,7 @@ def install(
         "zone": zone,
         "node_id": node_id,
         "timeout": timeout,
+        "tls": xds_tls,
     }
     if client is not None:
         given = client

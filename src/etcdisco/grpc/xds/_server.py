@@ -8,6 +8,9 @@ Tasks and owners: the publisher task is started by :meth:`XdsServer.start` and s
 by :meth:`XdsServer.close`; each ADS stream's reader task belongs to its stream; the
 handler tasks belong to the gRPC server, which ``close()`` stops after ending every
 stream with status OK.
+
+The ADS port is plaintext unless the server is given an :class:`XdsTls` (TLS, or
+mutual TLS with ``client_ca``): the registry it serves names every instance.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
+import ssl
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -48,6 +54,88 @@ _RESOLVE_TIMEOUT = 2.0
 _CLOSE_GRACE = 2.0
 
 
+@dataclass(frozen=True)
+class XdsTls:
+    """TLS on the control plane's own port (PEM files).
+
+    ``cert`` and ``key``: the server's certificate chain and key; the certificate must
+    name the host clients dial (gRPC checks it). ``client_ca``: when set, only clients
+    presenting a certificate signed by it are served (mutual TLS).
+
+    ``client_cacert``, ``client_cert`` and ``client_key`` are what
+    :meth:`XdsServer.bootstrap` (and the embedded control plane) tell clients to load:
+    the CA that verifies this server (without it: the system's roots) and, for mutual
+    TLS, a client certificate and key.
+    """
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+    client_cacert: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.cert or not self.key:
+            raise ConfigError("xDS TLS needs both a certificate and its key")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ConfigError("xDS TLS: client_cert and client_key go together")
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Read and check the files: a bad one is named now, not at each handshake."""
+        # ssl does the checking gRPC would only log per failed handshake: the PEM
+        # parses, the key matches the certificate, the CA file holds certificates.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            # A password callback keeps an encrypted key from prompting on a terminal.
+            context.load_cert_chain(self.cert, self.key, password=lambda: b"")
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"xDS TLS: cannot use certificate {self.cert} with key {self.key}: {exc}"
+            ) from None
+        root: bytes | None = None
+        if self.client_ca is not None:
+            try:
+                context.load_verify_locations(cafile=self.client_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"xDS TLS: cannot use client CA {self.client_ca}: {exc}"
+                ) from None
+            root = _read(self.client_ca)
+        return grpc.ssl_server_credentials(
+            [(_read(self.key), _read(self.cert))],
+            root_certificates=root,
+            require_client_auth=root is not None,
+        )
+
+    def bootstrap_options(self) -> dict[str, Any]:
+        """``bootstrap_config`` arguments for clients of this server (absolute paths:
+        the bootstrap is read by processes with working directories of their own)."""
+        if self.client_ca is not None and self.client_cert is None:
+            raise ConfigError(
+                "the xDS control plane requires client certificates (client_ca): "
+                "give client_cert and client_key for the bootstrap"
+            )
+        return {
+            "tls": True,
+            "cacert": _absolute(self.client_cacert),
+            "cert": _absolute(self.client_cert),
+            "key": _absolute(self.client_key),
+        }
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"xDS TLS: cannot read {path}: {exc.strerror}") from None
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
+
+
 class XdsServer:
     """An ADS control plane fed by the registry that ``client`` reads.
 
@@ -57,7 +145,8 @@ class XdsServer:
 
     ``policies`` maps service names to :class:`ServicePolicy` (load balancing, hash
     header, retries); services without one follow their instances' metadata ``lb`` /
-    ``hash_header`` and ``retries`` (UNAVAILABLE retries per call, 0-4).
+    ``hash_header`` and ``retries`` (UNAVAILABLE retries per call, 0-4). ``tls``
+    serves ADS over TLS (see :class:`XdsTls`) instead of plaintext.
     """
 
     def __init__(
@@ -67,9 +156,11 @@ class XdsServer:
         listen: str = "127.0.0.1:0",
         policies: Mapping[str, ServicePolicy] | None = None,
         retries: int = DEFAULT_RETRIES,
+        tls: XdsTls | None = None,
     ) -> None:
         host, port = _split_listen(listen)
         self._client = client
+        self.tls = tls
         self._listen = (host, port)
         self._policies = dict(policies or {})
         self._retries = validate_retries(retries)
@@ -94,6 +185,7 @@ class XdsServer:
         answered only after the registry has been read (see :meth:`wait_ready`)."""
         if self._server is not None:
             raise RuntimeError("XdsServer already started")
+        credentials = self.tls.server_credentials() if self.tls is not None else None
         self._cache = await self._client.discover_all()
         self._cache.add_listener(self._on_events)
         server = grpc.aio.server()
@@ -111,7 +203,10 @@ class XdsServer:
         )
         host, port = self._listen
         try:
-            self.port = server.add_insecure_port(_join(host, port))
+            if credentials is None:
+                self.port = server.add_insecure_port(_join(host, port))
+            else:
+                self.port = server.add_secure_port(_join(host, port), credentials)
         except RuntimeError as exc:
             await self._cache.close()
             raise ConfigError(f"xDS server cannot listen on {_join(host, port)}: {exc}") from None
@@ -120,7 +215,11 @@ class XdsServer:
         self._publisher = asyncio.get_running_loop().create_task(
             self._publish(), name="etcdisco-xds-publisher"
         )
-        log.info("xDS control plane listening on %s", self.address)
+        log.info(
+            "xDS control plane listening on %s (%s)",
+            self.address,
+            "plaintext" if self.tls is None else "mutual TLS" if self.tls.client_ca else "TLS",
+        )
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the registry has been read once and the resources are built."""
@@ -182,9 +281,11 @@ class XdsServer:
         cluster: str = "etcdisco",
         zone: str = "",
     ) -> dict[str, Any]:
-        """A gRPC xDS bootstrap that points at this server (see :func:`bootstrap_config`)."""
+        """A gRPC xDS bootstrap that points at this server (see :func:`bootstrap_config`),
+        with ``tls`` channel credentials when the server has :class:`XdsTls`."""
         uri = server_uri or _dialable(self._listen[0], self.port)
-        return bootstrap_config(uri, node_id=node_id, cluster=cluster, zone=zone)
+        creds = self.tls.bootstrap_options() if self.tls is not None else {}
+        return bootstrap_config(uri, node_id=node_id, cluster=cluster, zone=zone, **creds)
 
     def bootstrap_json(self, **options: Any) -> str:
         return json.dumps(self.bootstrap(**options))
