@@ -1,7 +1,7 @@
 """gRPC client paths against real registered servers: throughput, reaction to registry
 changes, failed calls during a rolling restart.
 
-    .venv/bin/python benchmarks/bench_grpc.py [--quick]
+    .venv/bin/python benchmarks/bench_grpc.py [--quick] [--out PATH]
 
 Starts its own etcd (the newest found, or $ETCDISCO_ETCD) and three echo servers
 (tests/grpc_echo/server.py, one process each, registered and drained by
@@ -17,7 +17,7 @@ etcdisco.grpc.aio_serve_registered), then measures, in one run against those ser
 3. failed/total calls of the same clients during a rolling restart of the three
    servers (SIGTERM and drain, wait for exit, start a replacement, next).
 
-Writes benchmarks/results-grpc.md and prints it. The client side is
+Prints the markdown section, or writes it to --out. The client side is
 grpc_bench_client.py. Without --quick it first waits (up to --load-wait seconds) for
 the 1-minute load average to fall below --max-load. Not a test: numbers only.
 """
@@ -54,7 +54,6 @@ if str(ROOT) not in sys.path:
 from tests.grpc_echo.fleet import EchoProcess, Fleet  # noqa: E402
 
 CLIENT = Path(__file__).with_name("grpc_bench_client.py")
-OUT = Path(__file__).with_name("results-grpc.md")
 SERVICE = "echo"
 CALL_TIMEOUT = 2.0  # the clients' per-call deadline (grpc_bench_client.CALL_TIMEOUT)
 LOAD_DELAY = 0.01  # seconds the server waits in each paced call
@@ -633,7 +632,7 @@ async def run(args: argparse.Namespace) -> str:
         etcd_version = etcd.version
     return "\n".join(
         [
-            "# gRPC client paths",
+            "## gRPC client paths",
             "",
             header(args, etcd_version, load),
             "",
@@ -642,7 +641,7 @@ async def run(args: argparse.Namespace) -> str:
             "in a process of its own; the balancing channels are created with "
             "`idempotent=True`, like the xDS route's retry on UNAVAILABLE.",
             "",
-            "## 1. Unary throughput (one small message each way)",
+            "### 1. Unary throughput (one small message each way)",
             "",
             f"Calls as fast as the callers go (sync: threads, aio: tasks), {s.rounds} round(s) "
             f"of {s.duration:g} s after {s.warmup:g} s of warm-up, path order rotated per "
@@ -654,7 +653,7 @@ async def run(args: argparse.Namespace) -> str:
             "",
             throughput_table(s, results),
             "",
-            "## 2. Registry change -> client routing",
+            "### 2. Registry change -> client routing",
             "",
             "The three clients below run together at a paced rate; each records which "
             "server answered every call and when it started. The change is timestamped "
@@ -662,7 +661,7 @@ async def run(args: argparse.Namespace) -> str:
             "",
             changes_table(session, s),
             "",
-            "## 3. Rolling restart of the 3 servers",
+            "### 3. Rolling restart of the 3 servers",
             "",
             "SIGTERM (the helper drains: NOT_SERVING and `draining`, quiet period, "
             "deregister, stop), wait for its exit, start a replacement, wait until it is "
@@ -677,6 +676,7 @@ async def run(args: argparse.Namespace) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--out", type=Path, help="write the markdown section here")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--cycles", type=int, default=3, help="add/drain/add/crash cycles")
@@ -687,8 +687,11 @@ def main() -> None:
     parser.add_argument("--load-wait", type=float, default=600, help="at most this long")
     args = parser.parse_args()
     text = asyncio.run(run(args))
-    OUT.write_text(text)
-    print(text)
+    if args.out:
+        args.out.write_text(text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        print(text)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,32 @@
 """Cost of one pick for every balancing policy, at 10 and 1,000 instances.
 
-    .venv/bin/python benchmarks/bench_pickers.py [--batches 200] [--batch 1000]
+    .venv/bin/python benchmarks/bench_pickers.py [--quick] [--out PATH]
+        [--batches 200] [--batch 1000]
 
 Each number is the median over batches of (batch time / picks), measured with
 time.perf_counter_ns on one unchanged snapshot, so per-snapshot work is cached, as in a
 client between two changes. "rebuild" is the first pick after a change of one instance
-(what a client pays once per change). Not a test: numbers only.
+(what a client pays once per change). Prints the markdown section, or writes it to
+--out. Not a test: numbers only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import platform
+import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from etcdisco import Instance, make_picker
 from etcdisco.balancing import Picker
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZES = (10, 1000)
 CASES: list[tuple[str, str, dict[str, object]]] = [
     ("round_robin", "round_robin", {}),
@@ -90,31 +97,50 @@ def rebuild_ms(policy: str, options: dict[str, object], instances: tuple[Instanc
     return statistics.median(samples)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=1000)
-    args = parser.parse_args()
+def command_line() -> str:
+    python = Path(sys.executable)
+    with contextlib.suppress(ValueError):
+        python = python.relative_to(ROOT)
+    return shlex.join([str(python), "benchmarks/bench_pickers.py", *sys.argv[1:]])
 
-    print(f"# pick cost, Python {platform.python_version()} on {platform.machine()}")
-    print(f"# median of {args.batches} batches of {args.batch} picks\n")
-    header = f"{'policy':<26}" + "".join(f"{f'ns/pick @{n}':>15}" for n in SIZES)
-    header += "".join(f"{f'rebuild ms @{n}':>17}" for n in SIZES)
-    print(header)
+
+def section(args: argparse.Namespace) -> str:
+    smoke = " (smoke run: too few picks to read much into)" if args.quick else ""
+    lines = [
+        "## Picker cost per policy",
+        "",
+        f"Command: `{command_line()}`{smoke} - Python {platform.python_version()} on "
+        f"{platform.machine()}, {time.strftime('%Y-%m-%d %H:%M')}.",
+        "",
+        f"ns/pick: median over {args.batches} batches of {args.batch} picks on one unchanged "
+        "snapshot (per-snapshot work cached, as in a client between two changes). "
+        "Rebuild: the first pick after one instance changed, median of 21.",
+        "",
+        "| policy | "
+        + " | ".join(f"ns/pick @{n}" for n in SIZES)
+        + " | "
+        + " | ".join(f"rebuild @{n}" for n in SIZES)
+        + " |",
+        "|---|" + "---|" * (2 * len(SIZES)),
+    ]
     keys = [f"user-{n}" for n in range(args.batch)]
     pools = {n: make_pool(n) for n in SIZES}
+    metrics: dict[str, float] = {}
     for label, policy, options in CASES:
-        row = f"{label:<26}"
+        cells = []
         for n in SIZES:
             batch = pick_batch(make_picker(policy, **options), pools[n], keys)
-            row += f"{per_pick_ns(batch, args.batch, args.batches):>15.0f}"
-        for n in SIZES:
-            row += f"{rebuild_ms(policy, options, pools[n]):>17.2f}"
-        print(row, flush=True)
+            ns = per_pick_ns(batch, args.batch, args.batches)
+            metrics[f"{label} ns/pick @{n}"] = round(ns, 1)
+            cells.append(f"{ns:,.0f}")
+        cells += [f"{rebuild_ms(policy, options, pools[n]):.2f} ms" for n in SIZES]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
-    print()
-    extra = f"{'case':<40}" + "".join(f"{f'ns @{n}':>12}" for n in SIZES)
-    print(extra)
+    lines += [
+        "",
+        "| case | " + " | ".join(f"ns @{n}" for n in SIZES) + " |",
+        "|---|" + "---|" * len(SIZES),
+    ]
     rows: list[tuple[str, Callable[[Picker, tuple[Instance, ...]], Callable[[], None]]]] = [
         (
             "round_robin, same list object",
@@ -126,18 +152,39 @@ def main() -> None:
         ),
     ]
     for label, build in rows:
-        row = f"{label:<40}"
+        cells = []
         for n in SIZES:
             picker = make_picker("round_robin")
-            row += f"{per_pick_ns(build(picker, pools[n]), args.batch, args.batches // 4):>12.0f}"
-        print(row, flush=True)
+            batches = max(1, args.batches // 4)
+            cells.append(f"{per_pick_ns(build(picker, pools[n]), args.batch, batches):,.0f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for policy in ("round_robin", "p2c"):
-        row = f"{policy + ': pick+started+finished':<40}"
+        cells = []
         for n in SIZES:
-            picker = make_picker(policy)
-            batch = call_batch(picker, pools[n], args.batch)
-            row += f"{per_pick_ns(batch, args.batch, args.batches):>12.0f}"
-        print(row, flush=True)
+            batch = call_batch(make_picker(policy), pools[n], args.batch)
+            cells.append(f"{per_pick_ns(batch, args.batch, args.batches):,.0f}")
+        lines.append(f"| {policy}: pick+started+finished | " + " | ".join(cells) + " |")
+    lines += ["", f"<!-- etcdisco-metrics {json.dumps({'pickers': metrics})} -->", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few, small batches")
+    parser.add_argument("--out", type=Path, help="write the markdown section here")
+    parser.add_argument("--batches", type=int, help="batches per measurement (default 200)")
+    parser.add_argument("--batch", type=int, help="picks per batch (default 1000)")
+    args = parser.parse_args()
+    if args.batches is None:
+        args.batches = 20 if args.quick else 200
+    if args.batch is None:
+        args.batch = 200 if args.quick else 1000
+    text = section(args)
+    if args.out:
+        args.out.write_text(text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        print(text)
 
 
 def _fresh_tuples(picker: Picker, pool: tuple[Instance, ...], count: int) -> Callable[[], None]:
@@ -153,4 +200,4 @@ def _fresh_tuples(picker: Picker, pool: tuple[Instance, ...], count: int) -> Cal
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -22,6 +22,7 @@ step ruff .venv/bin/ruff check .
 step ruff-format .venv/bin/ruff format --check .
 step mypy .venv/bin/mypy
 step pytest .venv/bin/pytest -q -p no:cacheprovider "$@"
+step benchmarks-quick .venv/bin/python benchmarks/run_all.py --quick --out "${TMPDIR:-/tmp}/etcdisco-bench-quick.md"
 
 if [ "${#failed[@]}" -gt 0 ]; then
     printf '\ntest.sh: FAILED: %s\n' "${failed[*]}" >&2
