@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -50,6 +48,8 @@ from etcdisco.discovery import ServiceCache
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from _common import command_line, load_average, pct, write_section  # noqa: E402
 
 from tests.grpc_echo.fleet import EchoProcess, Fleet  # noqa: E402
 
@@ -128,18 +128,6 @@ class Settings:
 
 def label(path: str, mode: str) -> str:
     return f"{path}/{mode}"
-
-
-def load_average() -> float:
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0]
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # ------------------------------------------------------------------------- processes
@@ -564,10 +552,7 @@ async def stop_clients(session: Session) -> None:
 
 
 def header(args: argparse.Namespace, etcd_version: str, load: float) -> str:
-    python = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        python = python.relative_to(ROOT)
-    command = shlex.join([str(python), "benchmarks/bench_grpc.py", *sys.argv[1:]])
+    command = command_line("bench_grpc.py")
     return (
         f"{os.cpu_count()} cores, 1-min load average {load:.2f} before the run (the run "
         f"itself keeps the cores busy), etcd {etcd_version}, grpcio {grpc.__version__}, "
@@ -686,12 +671,7 @@ def main() -> None:
     parser.add_argument("--max-load", type=float, default=1.5, help="wait for a lower load")
     parser.add_argument("--load-wait", type=float, default=600, help="at most this long")
     args = parser.parse_args()
-    text = asyncio.run(run(args))
-    if args.out:
-        args.out.write_text(text)
-        print(f"wrote {args.out}", file=sys.stderr)
-    else:
-        print(text)
+    write_section(asyncio.run(run(args)), args.out)
 
 
 if __name__ == "__main__":

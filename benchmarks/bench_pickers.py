@@ -13,15 +13,14 @@ client between two changes. "rebuild" is the first pick after a change of one in
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from _common import command_line, write_section
 
 from etcdisco import Instance, make_picker
 from etcdisco.balancing import Picker
@@ -97,19 +96,13 @@ def rebuild_ms(policy: str, options: dict[str, object], instances: tuple[Instanc
     return statistics.median(samples)
 
 
-def command_line() -> str:
-    python = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        python = python.relative_to(ROOT)
-    return shlex.join([str(python), "benchmarks/bench_pickers.py", *sys.argv[1:]])
-
-
 def section(args: argparse.Namespace) -> str:
     smoke = " (smoke run: too few picks to read much into)" if args.quick else ""
+    command = command_line("bench_pickers.py")
     lines = [
         "## Picker cost per policy",
         "",
-        f"Command: `{command_line()}`{smoke} - Python {platform.python_version()} on "
+        f"Command: `{command}`{smoke} - Python {platform.python_version()} on "
         f"{platform.machine()}, {time.strftime('%Y-%m-%d %H:%M')}.",
         "",
         f"ns/pick: median over {args.batches} batches of {args.batch} picks on one unchanged "
@@ -179,12 +172,7 @@ def main() -> None:
         args.batches = 20 if args.quick else 200
     if args.batch is None:
         args.batch = 200 if args.quick else 1000
-    text = section(args)
-    if args.out:
-        args.out.write_text(text)
-        print(f"wrote {args.out}", file=sys.stderr)
-    else:
-        print(text)
+    write_section(section(args), args.out)
 
 
 def _fresh_tuples(picker: Picker, pool: tuple[Instance, ...], count: int) -> Callable[[], None]:

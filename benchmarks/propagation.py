@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import selectors
-import shlex
 import signal
 import subprocess
 import sys
@@ -41,6 +40,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from _common import command_line, load_average, pct, write_section
 
 from etcdisco import AsyncClient, EventType
 from etcdisco._local_etcd import LocalEtcd, _spawn_prefix
@@ -63,16 +64,6 @@ PATH_LABELS = {
 # is one system-wide counter since boot, not a per-process one, so a time taken in a
 # watcher minus a time taken here is a duration.
 CLOCK = "clock_gettime(CLOCK_MONOTONIC)"
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
-def load_average() -> float:
-    return os.getloadavg()[0]
 
 
 # ------------------------------------------------------------------ watched processes
@@ -395,10 +386,7 @@ def section(
     results: list[KResult],
     crashes: dict[int, list[float]],
 ) -> str:
-    python = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        python = python.relative_to(ROOT)
-    command = shlex.join([str(python), "benchmarks/propagation.py", *sys.argv[1:]])
+    command = command_line("propagation.py")
     smoke = " (smoke run: too few samples to read much into)" if args.quick else ""
     lines = [
         "## Propagation: register -> visible in K processes; crash -> vanish",
@@ -527,12 +515,7 @@ def main() -> None:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    text = asyncio.run(run(args))
-    if args.out:
-        args.out.write_text(text)
-        print(f"wrote {args.out}", file=sys.stderr)
-    else:
-        print(text)
+    write_section(asyncio.run(run(args)), args.out)
 
 
 if __name__ == "__main__":

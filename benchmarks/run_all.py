@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _common import command_line, load_average
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SCRIPTS = ("propagation.py", "scale.py", "bench_pickers.py", "bench_grpc.py")
@@ -55,17 +57,6 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
-
-
-def load_average() -> float:
-    return os.getloadavg()[0]
-
-
-def command_line() -> str:
-    python = Path(os.path.normpath(sys.executable))
-    with contextlib.suppress(ValueError):
-        python = python.relative_to(ROOT)
-    return shlex.join([str(python), "benchmarks/run_all.py", *sys.argv[1:]])
 
 
 def run_script(script: str, quick: bool, out: Path) -> Outcome:
@@ -156,7 +147,7 @@ def header(quick: bool, load: float, outcomes: list[Outcome], started: str) -> l
         f"- Python {platform.python_version()} ({platform.python_implementation()})",
         f"- etcd: {etcd_versions(outcomes)}",
         f"- 1-min load average before: {load:.2f}",
-        f"- Command: `{command_line()}` (each script runs alone, one after the other)",
+        f"- Command: `{command_line('run_all.py')}` (each script runs alone, one after the other)",
     ]
     if quick:
         lines.append("- A smoke run: counts too small to read much into.")

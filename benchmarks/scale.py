@@ -33,7 +33,6 @@ import os
 import platform
 import random
 import re
-import shlex
 import statistics
 import sys
 import time
@@ -41,6 +40,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _common import command_line, write_section
 
 from etcdisco import AsyncClient
 from etcdisco._local_etcd import LocalEtcd
@@ -551,9 +552,7 @@ async def run(args: argparse.Namespace) -> tuple[list[tuple[str, str, str]], dic
 def render(
     args: argparse.Namespace, rows: list[tuple[str, str, str]], figures: dict[str, Any]
 ) -> str:
-    command = " ".join(
-        [".venv/bin/python", "benchmarks/scale.py", *(shlex.quote(a) for a in sys.argv[1:])]
-    )
+    command = command_line("scale.py")
     lines = [
         "## Scale",
         "",
@@ -615,10 +614,7 @@ def main() -> None:
         asyncio.run(watcher_main(args))
         return
     rows, figures = asyncio.run(run(args))
-    text = render(args, rows, figures)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    write_section(render(args, rows, figures), args.out)
 
 
 if __name__ == "__main__":
