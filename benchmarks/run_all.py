@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/run_all.py [--quick] [--out PATH]
 
-Runs propagation.py, scale.py, bench_pickers.py and bench_grpc.py, each in a process of
-its own (with --quick when quick, and --out a temporary file), then writes one file:
+Runs propagation.py, scale.py, bench_pickers.py, bench_health.py and bench_grpc.py,
+each in a process of its own (with --quick when quick, and --out a temporary file),
+then writes one file:
 a header (date, machine, Python, etcd, load, the command), every script's section in
 order, and the project's goals with the measured values. A script that fails or is
 missing is reported in the file and makes the exit status 1; the others still run.
@@ -37,7 +38,13 @@ from _common import command_line, load_average
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SCRIPTS = ("propagation.py", "scale.py", "bench_pickers.py", "bench_grpc.py")
+SCRIPTS = (
+    "propagation.py",
+    "scale.py",
+    "bench_pickers.py",
+    "bench_health.py",
+    "bench_grpc.py",
+)
 METRICS = re.compile(r"<!-- etcdisco-metrics (.*?) -->")
 # Generous: a hung script must not hang CI, a slow machine must not fail a full run
 # (bench_grpc alone may first wait up to 10 minutes for a quiet machine).
