@@ -19,7 +19,7 @@ from ._async_client import AsyncClient
 from ._errors import EtcdTimeoutError
 from ._model import ChangeEvent, Instance
 from .discovery import CacheState, ServiceCache
-from .health import Check
+from .health import Check, CheckResult
 from .registry import Registration, RegistrationState
 
 log = logging.getLogger("etcdisco.sync")
@@ -104,11 +104,41 @@ class SyncRegistration:
     def lease_id(self) -> int | None:
         return self._reg.lease_id
 
+    @property
+    def ttl(self) -> int:
+        return self._reg.ttl
+
+    @property
+    def re_registrations(self) -> int:
+        return self._reg.re_registrations
+
+    @property
+    def health(self) -> CheckResult | None:
+        return self._reg.health
+
+    @property
+    def health_failures(self) -> tuple[str, ...]:
+        return self._reg.health_failures
+
+    @property
+    def withdrawn(self) -> bool:
+        return self._reg.withdrawn
+
     def add_listener(self, listener: Callable[[SyncRegistration, RegistrationState], None]) -> None:
         def relay(_: Registration, state: RegistrationState) -> None:
             self._client._dispatch.submit(lambda: listener(self, state))
 
         self._client._call_in_loop(lambda: self._reg.add_listener(relay))
+
+    def add_health_listener(
+        self, listener: Callable[[SyncRegistration, CheckResult], None]
+    ) -> None:
+        """Like :meth:`Registration.add_health_listener`; called on the dispatcher thread."""
+
+        def relay(_: Registration, health: CheckResult) -> None:
+            self._client._dispatch.submit(lambda: listener(self, health))
+
+        self._client._call_in_loop(lambda: self._reg.add_health_listener(relay))
 
     def update(self, metadata: Mapping[str, Any]) -> None:
         self._client._run(self._reg.update(metadata))
@@ -146,6 +176,10 @@ class SyncServiceCache:
         # Snapshots are immutable tuples rebuilt on the loop; reading the dict from
         # here races with the loop's updates, so build the tuple there.
         return self._client._run(_snapshot(self._cache))
+
+    def suspects(self) -> tuple[Instance, ...]:
+        """Instances held after a mass expiry (see :meth:`ServiceCache.suspects`)."""
+        return tuple(i for i in self.instances() if i.suspect)
 
     def services(self) -> Mapping[str, tuple[Instance, ...]]:
         out: dict[str, list[Instance]] = {}

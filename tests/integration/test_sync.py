@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import queue
+import socket
 import threading
 
-from etcdisco import Client, EventType, RegistrationState
+from etcdisco import Client, EventType, RegistrationState, Status
+from etcdisco.health import CheckResult, TcpCheck
 
 
 def test_sync_round_trip_and_callbacks_off_the_loop(etcd) -> None:
@@ -43,3 +46,27 @@ def test_sync_list_instances(etcd) -> None:
         c.register("b", "127.0.0.1:8102", ttl=5)
         assert [i.address for i in c.list_instances("a")] == ["127.0.0.1:8101"]
         assert [i.service for i in c.list_instances()] == ["a", "b"]
+
+
+def test_sync_registration_reports_health_on_the_dispatcher(etcd) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    changes: queue.SimpleQueue[tuple[CheckResult, str]] = queue.SimpleQueue()
+    check = TcpCheck(interval=0.1, timeout=0.5, rise=1, fall=1, jitter=0)
+    with Client(etcd.endpoint) as c, c.discover("db") as cache:
+        cache.wait_ready(5)
+        assert cache.next_event(timeout=0) is None  # start collecting events
+        reg = c.register("db", address, ttl=5, checks=[check])
+        assert reg.health is CheckResult.PASSING and reg.health_failures == ()
+        reg.add_health_listener(
+            lambda r, health: changes.put((health, threading.current_thread().name))
+        )
+        listener.close()
+        health, thread = changes.get(timeout=5)
+        assert health is CheckResult.FAILING and thread != "etcdisco-loop"
+        assert reg.health is CheckResult.FAILING and reg.health_failures
+        assert not reg.withdrawn and reg.re_registrations == 0 and reg.ttl == 5
+        events = [cache.next_event(timeout=5), cache.next_event(timeout=5)]
+        statuses = [ev.instance.status if ev else None for ev in events]
+        assert statuses == [Status.UP, Status.UNHEALTHY], statuses
+        assert cache.suspects() == ()
