@@ -487,6 +487,9 @@ class LeaseKeeper:
             except Exception:
                 # The keeper must outlive any surprise: a dead keeper is a vanished service.
                 log.exception("lease keeper tick failed; continuing")
+                if time.monotonic() - self._last_ack >= self.ttl:
+                    # Whatever broke, a lease without an ack for a whole TTL is gone.
+                    self._lose_lease()
 
     async def _tick(self, interval: float) -> None:
         lease = self.lease_id

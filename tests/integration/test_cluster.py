@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from etcdisco import AsyncClient, CacheState, EventType, RegistrationState
 
@@ -51,3 +52,34 @@ async def test_leader_killed_nothing_lost(etcd_cluster) -> None:
 
         leader.restart()
         await eventually(all_present, 10, "a registration was lost when the old leader rejoined")
+
+
+async def test_member_under_the_keepalive_stream_killed(etcd_cluster) -> None:
+    """The member serving the keepalive stream dies between two keepalives. The next
+    write finds the call already finished (grpc raises InvalidStateError there, not an
+    RPC error); the keeper must carry on through another member before the TTL ends."""
+    first, *others = etcd_cluster.members
+    ttl = 3
+    async with (
+        # The first endpoint is the one streams open on.
+        AsyncClient(",".join(etcd_cluster.endpoints), timeout=2.0) as server,
+        AsyncClient(",".join(m.endpoint for m in others), timeout=2.0) as observer,
+    ):
+        reg = await server.register("echo", "127.0.0.1:9700", ttl=ttl)
+        lease = reg.lease_id
+        # The stream opens with the first keepalive, a third of a TTL after the grant.
+        keeper = server._keepers[ttl]
+        registered = time.monotonic()
+        await eventually(lambda: keeper.last_ack > registered, 2 * ttl, "no keepalive")
+        first.kill()
+        killed = time.monotonic()
+
+        async def alive_past_ttl() -> bool:
+            if time.monotonic() - killed < ttl + 1:
+                return False
+            got = await observer.etcd.get(reg.key)
+            return bool(got.kvs) and got.kvs[0].lease == lease
+
+        await eventually(alive_past_ttl, 6 * ttl, "the key did not outlive its first TTL")
+        assert reg.lease_id == lease and reg.re_registrations == 0, "the lease was not kept"
+        assert reg.state is RegistrationState.REGISTERED

@@ -373,6 +373,13 @@ class KeepAliveStream:
             except grpc.aio.AioRpcError as exc:
                 self._fail(exc)
                 raise map_error(exc, self._conn.endpoint_addresses) from None
+            except asyncio.InvalidStateError:
+                # The stream ended between two rounds (its member died): grpc refuses
+                # the write with this instead of an RPC error.
+                self._fail(UnavailableError("keepalive stream had ended"))
+                raise UnavailableError(
+                    "keepalive stream had ended", self._conn.endpoint_addresses
+                ) from None
 
     async def _round_trip(self, lease_id: int) -> int:
         if self._call is None:

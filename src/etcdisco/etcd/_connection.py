@@ -35,12 +35,15 @@ log = logging.getLogger("etcdisco.etcd")
 
 T = TypeVar("T")
 
-# Ping idle connections so a dead peer is noticed without waiting for TCP; etcd's
-# default --grpc-keepalive-min-time is 5 s, and faster pings earn a GOAWAY.
+# Ping connections with open calls (watch and keepalive streams) so a dead peer is
+# noticed without waiting for TCP; etcd's default --grpc-keepalive-min-time is 5 s,
+# and faster pings earn a GOAWAY. etcd also refuses pings while no stream is open
+# (GOAWAY "too_many_pings"), so an idle client does not ping: its next call's
+# deadline finds a dead peer instead.
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     # Fail fast on a refused connection and let our own loop pick the next endpoint.
