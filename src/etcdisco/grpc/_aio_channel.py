@@ -1,8 +1,9 @@
 """A ``grpc.aio.Channel`` over every live instance of a service (asyncio).
 
-The twin of ``_channel``: same pool, same retry rule, on the event loop of the
-discovery cache. A unary call returns a call object that retries behind one
-``await``; streaming calls return grpc's own call objects, pinned to one instance.
+The twin of ``_channel``: same pool, same placement and retry decisions (``_calls``),
+on the event loop of the discovery cache. A unary call returns a call object that
+retries behind one ``await``; streaming calls return grpc's own call objects, pinned
+to one instance.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import grpc.aio
 
 from .._async_client import AsyncClient
 from .._errors import ConfigError
-from .._model import ChangeEvent, Instance
+from .._model import ChangeEvent
 from ..balancing import Picker
 from ..discovery import ServiceCache
 from ..outlier import OutlierDetector
-from ._options import ChannelSettings, HashKey, detector_for, picker_for, settings, unreachable
-from ._pool import Pool, SubChannel, SubChannelInfo
+from ._calls import MethodRouter, PinnedUnaryStream, call_options, deadline_after
+from ._channel_base import ChannelBase
+from ._options import ChannelSettings, HashKey, detector_for, picker_for, settings
+from ._pool import Pool, SubChannel
 
 log = logging.getLogger("etcdisco.grpc")
 
@@ -41,16 +44,6 @@ else:
     _UnaryUnaryCallBase = grpc.aio.UnaryUnaryCall
 
 AioSub = SubChannel[grpc.aio.Channel]
-
-
-def _no_instance(service: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.aio.Metadata(),
-        grpc.aio.Metadata(),
-        f"no available instance of {service!r}",
-        None,
-    )
 
 
 class _Transport:
@@ -106,203 +99,6 @@ class _Transport:
             await asyncio.gather(*list(self._closing), return_exceptions=True)
 
 
-class AioBalancingChannel(grpc.aio.Channel):
-    """A ``grpc.aio.Channel`` whose calls go to the live instances of one service.
-
-    Build it with :func:`etcdisco.grpc.aio_channel`, on the loop of the cache.
-    ``await close()`` (or ``async with``) closes every sub-channel, and the discovery
-    cache when the channel opened it.
-    """
-
-    def __init__(
-        self,
-        cache: ServiceCache,
-        picker: Picker,
-        outlier: OutlierDetector | None,
-        settings: ChannelSettings,
-        *,
-        owns_cache: bool,
-    ) -> None:
-        self._settings = settings
-        self._cache = cache
-        self._owns_cache = owns_cache
-        self._transport = _Transport(settings)
-        self._pool: Pool[grpc.aio.Channel] = Pool(
-            settings.service, picker, outlier, self._transport, on_state=self._notify
-        )
-        self._transport.pool = self._pool
-        self._changed = asyncio.Event()
-        self._closed = False
-        cache.add_listener(self._on_events)
-        self._pool.update(cache.instances())
-
-    @property
-    def service(self) -> str:
-        return self._settings.service
-
-    @property
-    def pool(self) -> Pool[grpc.aio.Channel]:
-        return self._pool
-
-    def instances(self) -> tuple[Instance, ...]:
-        """The instances this channel has a sub-channel for (draining ones included)."""
-        return self._pool.instances()
-
-    def subchannels(self) -> tuple[SubChannelInfo, ...]:
-        """Every open sub-channel, retired ones still finishing calls included."""
-        return self._pool.info()
-
-    def _on_events(self, events: list[ChangeEvent]) -> None:
-        self._pool.update(self._cache.instances())
-
-    # -- connectivity --------------------------------------------------------------
-
-    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        """READY when any sub-channel is, else CONNECTING, IDLE, TRANSIENT_FAILURE in
-        that order (as grpc's round_robin); SHUTDOWN once closed."""
-        return self._pool.state
-
-    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        while self._pool.state is last_observed_state:
-            await self._changed.wait()
-
-    async def channel_ready(self) -> None:
-        """Wait until some sub-channel is READY."""
-        while (state := self._pool.state) is not grpc.ChannelConnectivity.READY:
-            if state is grpc.ChannelConnectivity.SHUTDOWN:
-                raise grpc.aio.UsageError("channel is closed")
-            await self.wait_for_state_change(state)
-
-    def _notify(self) -> None:
-        # Wake every waiter, then give later waiters a fresh event.
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-
-    # -- multicallables ------------------------------------------------------------
-
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Callable[[Any], bytes] | None = None,
-        response_deserializer: Callable[[bytes], Any] | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> _UnaryUnary:
-        return _UnaryUnary(self, "unary_unary", method, request_serializer, response_deserializer)
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Callable[[Any], bytes] | None = None,
-        response_deserializer: Callable[[bytes], Any] | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> _UnaryStream:
-        return _UnaryStream(self, "unary_stream", method, request_serializer, response_deserializer)
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Callable[[Any], bytes] | None = None,
-        response_deserializer: Callable[[bytes], Any] | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> _StreamUnary:
-        return _StreamUnary(self, "stream_unary", method, request_serializer, response_deserializer)
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Callable[[Any], bytes] | None = None,
-        response_deserializer: Callable[[bytes], Any] | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> _StreamStream:
-        return _StreamStream(
-            self, "stream_stream", method, request_serializer, response_deserializer
-        )
-
-    # -- end -----------------------------------------------------------------------
-
-    async def close(self, grace: float | None = None) -> None:
-        """Close every sub-channel (calls still running get ``grace`` seconds, then
-        are cancelled, as with any grpc.aio channel) and the discovery cache if this
-        channel opened it."""
-        if self._closed:
-            return
-        self._closed = True
-        self._cache.remove_listener(self._on_events)
-        if self._owns_cache:
-            await self._cache.close()
-        self._transport.grace = grace
-        self._pool.close()
-        await self._transport.wait_closed()
-
-    async def __aenter__(self) -> AioBalancingChannel:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    def __repr__(self) -> str:
-        return f"<AioBalancingChannel {self.service} {self.get_state().name}>"
-
-
-class _Method:
-    def __init__(
-        self,
-        channel: AioBalancingChannel,
-        kind: str,
-        method: str,
-        serializer: Callable[[Any], bytes] | None,
-        deserializer: Callable[[bytes], Any] | None,
-    ) -> None:
-        self._pool = channel._pool
-        self._settings = channel._settings
-        self._kind = kind
-        self._method = method
-        self._serializer = serializer
-        self._deserializer = deserializer
-        self._cache_key = (kind, method, serializer, deserializer)
-        self._idempotent = self._settings.is_idempotent(method)
-
-    def _real(self, sub: AioSub) -> Any:
-        found = sub.callables.get(self._cache_key)
-        if found is None:
-            factory = getattr(sub.channel, self._kind)
-            found = sub.callables[self._cache_key] = factory(
-                self._method,
-                request_serializer=self._serializer,
-                response_deserializer=self._deserializer,
-                _registered_method=True,
-            )
-        return found
-
-    def _hash_key(self, request: Any) -> str | None:
-        hash_key = self._settings.hash_key
-        return hash_key(self._method, request) if hash_key is not None else None
-
-    def _pinned(self, request: Any, invoke: Callable[[Any], Any]) -> Any:
-        """Start a streaming call on one instance; release it when the call ends."""
-        picked = self._pool.acquire(self._hash_key(request))
-        if picked is None:
-            raise _no_instance(self._settings.service)
-        sub, inst = picked
-        started = time.monotonic()
-        try:
-            call = invoke(self._real(sub))
-        except BaseException:
-            self._pool.release(sub, inst, time.monotonic() - started, True)
-            raise
-
-        def done(finished: Any) -> None:
-            code = None if finished.cancelled() else _code_now(finished)
-            self._pool.release(sub, inst, time.monotonic() - started, not unreachable(code))
-
-        call.add_done_callback(done)
-        return call
-
-
 def _code_now(call: Any) -> grpc.StatusCode | None:
     """The status of a finished grpc.aio call, from a (synchronous) done callback.
 
@@ -332,50 +128,28 @@ class _BalancedCall(_UnaryUnaryCallBase):
         options: dict[str, Any],
     ) -> None:
         self._method = method
-        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._deadline = deadline_after(timeout)
         self._attempt: Any = None
         self._task = asyncio.get_running_loop().create_task(self._run(request, options))
         # A call nobody awaits must not log "exception was never retrieved".
         self._task.add_done_callback(_retrieve)
 
     async def _run(self, request: Any, options: dict[str, Any]) -> Any:
-        m = self._method
-        pool = m._pool
-        key = m._hash_key(request)
-        tried: frozenset[str] = frozenset()
-        last: grpc.aio.AioRpcError | None = None
-        for _ in range(m._settings.max_attempts):
-            remaining = None if self._deadline is None else self._deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                break
-            picked = pool.acquire(key, tried)
-            if picked is None:
-                break
-            sub, inst = picked
-            started = time.monotonic()
-            ok = True
+        retries = self._method._retries(request, self._deadline)
+        while (attempt := retries.next()) is not None:
             try:
-                self._attempt = m._real(sub)(request, timeout=remaining, **options)
+                self._attempt = attempt.multicallable(request, timeout=attempt.timeout, **options)
                 return await self._attempt
             except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                ok = not unreachable(code)
-                if not m._settings.retryable(m._idempotent, code, exc.details()):
+                if not retries.retry_after(attempt, exc):
                     raise
-                log.debug(
-                    "%s on %s: %s; trying another instance", m._method, inst.address, exc.details()
-                )
-                last = exc
-                tried |= {inst.key}
             except asyncio.CancelledError:
                 if self._attempt is not None:
                     self._attempt.cancel()
                 raise
             finally:
-                pool.release(sub, inst, time.monotonic() - started, ok)
-        if last is not None:
-            raise last
-        raise _no_instance(m._settings.service)
+                attempt.end()
+        raise retries.exhausted()
 
     def __await__(self) -> Generator[Any, None, Any]:
         return self._task.__await__()
@@ -442,7 +216,7 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
-class _UnaryUnary(_Method, _UnaryUnaryBase):
+class _UnaryUnary(MethodRouter[grpc.aio.Channel], _UnaryUnaryBase):
     def __call__(
         self,
         request: Any,
@@ -452,39 +226,15 @@ class _UnaryUnary(_Method, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> _BalancedCall:
-        options = {
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
+        options = call_options(metadata, credentials, wait_for_ready, compression)
         return _BalancedCall(self, request, timeout, options)
 
 
-class _UnaryStream(_Method, _UnaryStreamBase):
-    def __call__(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        return self._pinned(
-            request,
-            lambda real: real(
-                request,
-                timeout=timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            ),
-        )
+class _UnaryStream(PinnedUnaryStream[grpc.aio.Channel], _UnaryStreamBase):
+    pass
 
 
-class _StreamingRequest(_Method):
+class _StreamingRequest(MethodRouter[grpc.aio.Channel]):
     """Both client-streaming kinds: pinned to one instance, request iterator as is."""
 
     def __call__(
@@ -496,17 +246,8 @@ class _StreamingRequest(_Method):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        return self._pinned(
-            None,
-            lambda real: real(
-                request_iterator,
-                timeout=timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            ),
-        )
+        options = call_options(metadata, credentials, wait_for_ready, compression)
+        return self._pinned(None, lambda real: real(request_iterator, timeout=timeout, **options))
 
 
 class _StreamUnary(_StreamingRequest, _StreamUnaryBase):
@@ -515,6 +256,106 @@ class _StreamUnary(_StreamingRequest, _StreamUnaryBase):
 
 class _StreamStream(_StreamingRequest, _StreamStreamBase):
     pass
+
+
+class AioBalancingChannel(ChannelBase[grpc.aio.Channel], grpc.aio.Channel):
+    """A ``grpc.aio.Channel`` whose calls go to the live instances of one service.
+
+    Build it with :func:`etcdisco.grpc.aio_channel`, on the loop of the cache.
+    ``await close()`` (or ``async with``) closes every sub-channel, and the discovery
+    cache when the channel opened it.
+    """
+
+    _multicallables = {
+        "unary_unary": _UnaryUnary,
+        "unary_stream": _UnaryStream,
+        "stream_unary": _StreamUnary,
+        "stream_stream": _StreamStream,
+    }
+
+    def __init__(
+        self,
+        cache: ServiceCache,
+        picker: Picker,
+        outlier: OutlierDetector | None,
+        settings: ChannelSettings,
+        *,
+        owns_cache: bool,
+    ) -> None:
+        self._settings = settings
+        self._cache = cache
+        self._owns_cache = owns_cache
+        self._transport = _Transport(settings)
+        self._pool: Pool[grpc.aio.Channel] = Pool(
+            settings.service, picker, outlier, self._transport, on_state=self._notify
+        )
+        self._transport.pool = self._pool
+        self._changed = asyncio.Event()
+        self._closed = False
+        cache.add_listener(self._on_events)
+        self._pool.update(cache.instances())
+
+    def _on_events(self, events: list[ChangeEvent]) -> None:
+        self._pool.update(self._cache.instances())
+
+    # -- connectivity --------------------------------------------------------------
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        """READY when any sub-channel is, else CONNECTING, IDLE, TRANSIENT_FAILURE in
+        that order (as grpc's round_robin); SHUTDOWN once closed."""
+        return self._pool.state
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        while self._pool.state is last_observed_state:
+            await self._changed.wait()
+
+    async def channel_ready(self) -> None:
+        """Wait until some sub-channel is READY."""
+        while (state := self._pool.state) is not grpc.ChannelConnectivity.READY:
+            if state is grpc.ChannelConnectivity.SHUTDOWN:
+                raise grpc.aio.UsageError("channel is closed")
+            await self.wait_for_state_change(state)
+
+    def _notify(self) -> None:
+        # Wake every waiter, then give later waiters a fresh event.
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    # -- what the shared multicallables ask of this flavour ------------------------
+
+    def _no_instance(self, details: str) -> Exception:
+        return grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None
+        )
+
+    @staticmethod
+    def _finished_code(call: Any) -> grpc.StatusCode | None:
+        return None if call.cancelled() else _code_now(call)
+
+    # -- end -----------------------------------------------------------------------
+
+    async def close(self, grace: float | None = None) -> None:
+        """Close every sub-channel (calls still running get ``grace`` seconds, then
+        are cancelled, as with any grpc.aio channel) and the discovery cache if this
+        channel opened it."""
+        if self._closed:
+            return
+        self._closed = True
+        self._cache.remove_listener(self._on_events)
+        if self._owns_cache:
+            await self._cache.close()
+        self._transport.grace = grace
+        self._pool.close()
+        await self._transport.wait_closed()
+
+    async def __aenter__(self) -> AioBalancingChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<AioBalancingChannel {self.service} {self.get_state().name}>"
 
 
 class _OpeningChannel:

@@ -1,8 +1,9 @@
 """A ``grpc.Channel`` over every live instance of a service (threads).
 
 Generated stubs work on it unchanged. Each call is placed by the picker on one of the
-instances the discovery cache knows (see ``_pool`` for the sub-channel lifecycle and
-``_options`` for the retry rule). Usable from any thread.
+instances the discovery cache knows (see ``_pool`` for the sub-channel lifecycle,
+``_calls`` for the placement and retries both flavours share, and ``_options`` for the
+retry rule). Usable from any thread.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -21,15 +21,16 @@ from .._model import ChangeEvent
 from ..balancing import Picker
 from ..outlier import OutlierDetector
 from ..sync import Client, SyncServiceCache
-from ._options import (
-    ChannelSettings,
-    HashKey,
-    detector_for,
-    picker_for,
-    settings,
-    unreachable,
+from ._calls import (
+    MethodRouter,
+    PinnedUnaryStream,
+    call_options,
+    code_of,
+    deadline_after,
 )
-from ._pool import Pool, SubChannel, SubChannelInfo
+from ._channel_base import ChannelBase
+from ._options import ChannelSettings, HashKey, detector_for, picker_for, settings
+from ._pool import Pool, SubChannel
 
 log = logging.getLogger("etcdisco.grpc")
 
@@ -70,14 +71,6 @@ class NoInstanceError(grpc.RpcError):
 
     def __str__(self) -> str:
         return f"<NoInstanceError UNAVAILABLE: {self._details}>"
-
-
-def _code(call: Any) -> grpc.StatusCode | None:
-    try:
-        code = call.code()
-    except Exception:
-        return None
-    return code if isinstance(code, grpc.StatusCode) else None
 
 
 class _Closer:
@@ -139,12 +132,154 @@ class _Transport:
         self._closer.close(sub.channel)
 
 
-class BalancingChannel(grpc.Channel):
+class _Method(MethodRouter[grpc.Channel]):
+    """The blocking ways through the shared placement: retried or single attempts."""
+
+    def _with_retries(
+        self, request: Any, timeout: float | None, invoke: Callable[[Any, float | None], Any]
+    ) -> Any:
+        """Blocking attempts, on another instance each, while the retry rule allows."""
+        retries = self._retries(request, deadline_after(timeout))
+        while (attempt := retries.next()) is not None:
+            try:
+                return invoke(attempt.multicallable, attempt.timeout)
+            except grpc.RpcError as exc:
+                if not retries.retry_after(attempt, exc):
+                    raise
+            finally:
+                attempt.end()
+        raise retries.exhausted()
+
+    def _once(self, invoke: Callable[[Any], Any]) -> Any:
+        """One blocking attempt (a client stream cannot be replayed)."""
+        attempt = self._attempt(None)
+        try:
+            return invoke(attempt.multicallable)
+        except grpc.RpcError as exc:
+            attempt.note(code_of(exc))
+            raise
+        finally:
+            attempt.end()
+
+
+class _UnaryUnary(_Method, _UnaryUnaryBase):
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        options = call_options(metadata, credentials, wait_for_ready, compression)
+        return self._with_retries(
+            request, timeout, lambda real, left: real(request, timeout=left, **options)
+        )
+
+    def with_call(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> tuple[Any, grpc.Call]:
+        options = call_options(metadata, credentials, wait_for_ready, compression)
+        result: tuple[Any, grpc.Call] = self._with_retries(
+            request, timeout, lambda real, left: real.with_call(request, timeout=left, **options)
+        )
+        return result
+
+    def future(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        """One attempt, no retry (a future is the caller's to handle)."""
+        options = call_options(metadata, credentials, wait_for_ready, compression)
+        return self._pinned(request, lambda real: real.future(request, timeout=timeout, **options))
+
+
+class _UnaryStream(PinnedUnaryStream[grpc.Channel], _UnaryStreamBase):
+    pass
+
+
+class _StreamUnary(_Method, _StreamUnaryBase):
+    def __call__(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        options = call_options(metadata, credentials, wait_for_ready, compression)
+        return self._once(lambda real: real(request_iterator, timeout=timeout, **options))
+
+    def with_call(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> tuple[Any, grpc.Call]:
+        options = call_options(metadata, credentials, wait_for_ready, compression)
+        result: tuple[Any, grpc.Call] = self._once(
+            lambda real: real.with_call(request_iterator, timeout=timeout, **options)
+        )
+        return result
+
+    def future(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        options = call_options(metadata, credentials, wait_for_ready, compression)
+        return self._pinned(
+            None, lambda real: real.future(request_iterator, timeout=timeout, **options)
+        )
+
+
+class _StreamStream(_Method, _StreamStreamBase):
+    def __call__(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        options = call_options(metadata, credentials, wait_for_ready, compression)
+        return self._pinned(None, lambda real: real(request_iterator, timeout=timeout, **options))
+
+
+class BalancingChannel(ChannelBase[grpc.Channel], grpc.Channel):
     """A ``grpc.Channel`` whose calls go to the live instances of one service.
 
     Build it with :func:`etcdisco.grpc.channel`. ``close()`` (or ``with``) closes every
     sub-channel, and the discovery cache when the channel opened it.
     """
+
+    _multicallables = {
+        "unary_unary": _UnaryUnary,
+        "unary_stream": _UnaryStream,
+        "stream_unary": _StreamUnary,
+        "stream_stream": _StreamStream,
+    }
 
     def __init__(
         self,
@@ -170,22 +305,6 @@ class BalancingChannel(grpc.Channel):
         # Listen first, then read: a change between the two is applied twice at worst.
         cache.add_listener(self._on_events)
         self._refresh()
-
-    @property
-    def service(self) -> str:
-        return self._settings.service
-
-    @property
-    def pool(self) -> Pool[grpc.Channel]:
-        return self._pool
-
-    def instances(self) -> tuple[Any, ...]:
-        """The instances this channel has a sub-channel for (draining ones included)."""
-        return self._pool.instances()
-
-    def subchannels(self) -> tuple[SubChannelInfo, ...]:
-        """Every open sub-channel, retired ones still finishing calls included."""
-        return self._pool.info()
 
     # -- discovery -----------------------------------------------------------------
 
@@ -232,49 +351,12 @@ class BalancingChannel(grpc.Channel):
             except Exception:
                 log.exception("connectivity callback failed")
 
-    # -- multicallables ------------------------------------------------------------
+    # -- what the shared multicallables ask of this flavour ------------------------
 
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Callable[[Any], bytes] | None = None,
-        response_deserializer: Callable[[bytes], Any] | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> _UnaryUnary:
-        return _UnaryUnary(self, "unary_unary", method, request_serializer, response_deserializer)
+    def _no_instance(self, details: str) -> Exception:
+        return NoInstanceError(details)
 
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Callable[[Any], bytes] | None = None,
-        response_deserializer: Callable[[bytes], Any] | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> _UnaryStream:
-        return _UnaryStream(self, "unary_stream", method, request_serializer, response_deserializer)
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Callable[[Any], bytes] | None = None,
-        response_deserializer: Callable[[bytes], Any] | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> _StreamUnary:
-        return _StreamUnary(self, "stream_unary", method, request_serializer, response_deserializer)
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Callable[[Any], bytes] | None = None,
-        response_deserializer: Callable[[bytes], Any] | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> _StreamStream:
-        return _StreamStream(
-            self, "stream_stream", method, request_serializer, response_deserializer
-        )
+    _finished_code = staticmethod(code_of)
 
     # -- end -----------------------------------------------------------------------
 
@@ -300,303 +382,6 @@ class BalancingChannel(grpc.Channel):
 
     def __repr__(self) -> str:
         return f"<BalancingChannel {self.service} {self.get_state().name}>"
-
-
-class _Method:
-    """What every balancing multicallable shares: its method and how to reach a
-    sub-channel's own multicallable for it."""
-
-    def __init__(
-        self,
-        channel: BalancingChannel,
-        kind: str,
-        method: str,
-        serializer: Callable[[Any], bytes] | None,
-        deserializer: Callable[[bytes], Any] | None,
-    ) -> None:
-        self._channel = channel
-        self._pool = channel._pool
-        self._settings = channel._settings
-        self._kind = kind
-        self._method = method
-        self._serializer = serializer
-        self._deserializer = deserializer
-        self._cache_key = (kind, method, serializer, deserializer)
-        self._idempotent = self._settings.is_idempotent(method)
-
-    def _real(self, sub: SubChannel[grpc.Channel]) -> Any:
-        found = sub.callables.get(self._cache_key)
-        if found is None:
-            factory = getattr(sub.channel, self._kind)
-            found = sub.callables[self._cache_key] = factory(
-                self._method,
-                request_serializer=self._serializer,
-                response_deserializer=self._deserializer,
-                _registered_method=True,
-            )
-        return found
-
-    def _hash_key(self, request: Any) -> str | None:
-        hash_key = self._settings.hash_key
-        return hash_key(self._method, request) if hash_key is not None else None
-
-    def _no_instance(self) -> NoInstanceError:
-        return NoInstanceError(f"no available instance of {self._settings.service!r}")
-
-    def _acquire(self, request: Any) -> tuple[SubChannel[grpc.Channel], Any]:
-        picked = self._pool.acquire(self._hash_key(request))
-        if picked is None:
-            raise self._no_instance()
-        return picked
-
-    def _pinned(self, key_request: Any, invoke: Callable[[Any], Any]) -> Any:
-        """Start a call on one instance and release it when the call (a future or a
-        response stream) ends."""
-        sub, inst = self._acquire(key_request)
-        started = time.monotonic()
-        try:
-            call = invoke(self._real(sub))
-        except BaseException:
-            self._pool.release(sub, inst, time.monotonic() - started, True)
-            raise
-
-        def done(_: Any) -> None:
-            latency = time.monotonic() - started
-            self._pool.release(sub, inst, latency, not unreachable(_code(call)))
-
-        call.add_done_callback(done)
-        return call
-
-    def _once(self, invoke: Callable[[Any], Any]) -> Any:
-        """One attempt, released when it returns (for client-streaming calls)."""
-        sub, inst = self._acquire(None)
-        started = time.monotonic()
-        ok = True
-        try:
-            return invoke(self._real(sub))
-        except grpc.RpcError as exc:
-            ok = not unreachable(_code(exc))
-            raise
-        finally:
-            self._pool.release(sub, inst, time.monotonic() - started, ok)
-
-    def _with_retries(
-        self, request: Any, timeout: float | None, invoke: Callable[[Any, float | None], Any]
-    ) -> Any:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        key = self._hash_key(request)
-        tried: frozenset[str] = frozenset()
-        last: grpc.RpcError | None = None
-        for _ in range(self._settings.max_attempts):
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                break
-            picked = self._pool.acquire(key, tried)
-            if picked is None:
-                break
-            sub, inst = picked
-            started = time.monotonic()
-            try:
-                result = invoke(self._real(sub), remaining)
-            except grpc.RpcError as exc:
-                code = _code(exc)
-                self._pool.release(sub, inst, time.monotonic() - started, not unreachable(code))
-                details = exc.details() if callable(getattr(exc, "details", None)) else None
-                if not self._settings.retryable(self._idempotent, code, details):
-                    raise
-                log.debug(
-                    "%s on %s: %s; trying another instance", self._method, inst.address, details
-                )
-                last = exc
-                tried |= {inst.key}
-                continue
-            except BaseException:
-                self._pool.release(sub, inst, time.monotonic() - started, True)
-                raise
-            self._pool.release(sub, inst, time.monotonic() - started, True)
-            return result
-        if last is not None:
-            raise last
-        raise self._no_instance()
-
-
-class _UnaryUnary(_Method, _UnaryUnaryBase):
-    def __call__(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        return self._with_retries(
-            request,
-            timeout,
-            lambda real, left: real(
-                request,
-                timeout=left,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            ),
-        )
-
-    def with_call(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> tuple[Any, grpc.Call]:
-        result: tuple[Any, grpc.Call] = self._with_retries(
-            request,
-            timeout,
-            lambda real, left: real.with_call(
-                request,
-                timeout=left,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            ),
-        )
-        return result
-
-    def future(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        """One attempt, no retry (a future is the caller's to handle)."""
-        return self._pinned(
-            request,
-            lambda real: real.future(
-                request,
-                timeout=timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            ),
-        )
-
-
-class _UnaryStream(_Method, _UnaryStreamBase):
-    def __call__(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        return self._pinned(
-            request,
-            lambda real: real(
-                request,
-                timeout=timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            ),
-        )
-
-
-class _StreamUnary(_Method, _StreamUnaryBase):
-    def __call__(
-        self,
-        request_iterator: Iterator[Any],
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        return self._once(
-            lambda real: real(
-                request_iterator,
-                timeout=timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            ),
-        )
-
-    def with_call(
-        self,
-        request_iterator: Iterator[Any],
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> tuple[Any, grpc.Call]:
-        result: tuple[Any, grpc.Call] = self._once(
-            lambda real: real.with_call(
-                request_iterator,
-                timeout=timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            ),
-        )
-        return result
-
-    def future(
-        self,
-        request_iterator: Iterator[Any],
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        return self._pinned(
-            None,
-            lambda real: real.future(
-                request_iterator,
-                timeout=timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            ),
-        )
-
-
-class _StreamStream(_Method, _StreamStreamBase):
-    def __call__(
-        self,
-        request_iterator: Iterator[Any],
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        return self._pinned(
-            None,
-            lambda real: real(
-                request_iterator,
-                timeout=timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            ),
-        )
 
 
 def channel(

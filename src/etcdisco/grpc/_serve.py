@@ -93,16 +93,55 @@ def _address(port: int | None, address: str | None, host: str | None) -> str:
     return advertised_address(port, host)
 
 
-def _quiet_left(activity: Activity, started: float, quiet: float, now: float) -> float:
-    since = max(started, activity.last_arrival)
-    return since + quiet - now
-
-
-def _check_signals_allowed(handle_signals: bool) -> None:
+def _prepared(
+    server: object,
+    services: str | Sequence[str],
+    port: int | None,
+    address: str | None,
+    host: str | None,
+    timings: tuple[float, float, float],
+    handle_signals: bool,
+) -> tuple[tuple[str, ...], str, DrainPolicy, ServerKit]:
+    """Both flavours' checks, made before anything starts; ``timings`` are the
+    quiet period, drain timeout and grace."""
+    names = _names(services)
+    advertised = _address(port, address, host)
+    policy = DrainPolicy(*timings)
+    kit = kit_of(server)
     if handle_signals and threading.current_thread() is not threading.main_thread():
         raise ConfigError(
             "handle_signals=True needs the main thread (Python delivers signals there)"
         )
+    return names, advertised, policy, kit
+
+
+def _quiet_step(
+    activity: Activity, policy: DrainPolicy, started: float, hurried: bool
+) -> bool | float:
+    """The next step of a drain's wait for quiet (the flavours sleep, a second signal
+    wakes them): True once no RPC has arrived for the quiet period, counted from the
+    drain's start too; False when ``drain_timeout`` or a second signal ends the wait
+    first; else the seconds to sleep before looking again."""
+    now = time.monotonic()
+    left = max(started, activity.last_arrival) + policy.quiet_period - now
+    if left <= 0:
+        return True
+    deadline = started + policy.drain_timeout
+    if now >= deadline or hurried:
+        return False
+    return min(left, deadline - now)
+
+
+def _drained(address: str, quiet: bool, waited: float, rpcs: int) -> DrainReport:
+    report = DrainReport(quiet, waited, rpcs)
+    log.info(
+        "%s drained in %.2fs (%s, %d RPCs while draining) and stopped",
+        address,
+        waited,
+        "quiet" if quiet else "timed out",
+        rpcs,
+    )
+    return report
 
 
 # -- asyncio -----------------------------------------------------------------------
@@ -197,15 +236,8 @@ class AioRegisteredServer:
             # Only now: until the server has stopped, a second signal means "hurry",
             # not the default action (which would kill the process mid-drain).
             self._remove_signal_handlers()
-        report = DrainReport(quiet, waited, self._kit.activity.arrivals - arrivals)
-        self.drain_report = report
-        log.info(
-            "%s drained in %.2fs (%s, %d RPCs while draining) and stopped",
-            self.address,
-            waited,
-            "quiet" if quiet else "timed out",
-            report.rpcs_while_draining,
-        )
+        rpcs = self._kit.activity.arrivals - arrivals
+        self.drain_report = report = _drained(self.address, quiet, waited, rpcs)
         return report
 
     async def _each(self, what: str, step: Callable[[Registration], Awaitable[None]]) -> None:
@@ -220,16 +252,12 @@ class AioRegisteredServer:
         await asyncio.gather(*(one(reg) for reg in self.registrations))
 
     async def _wait_quiet(self, started: float) -> bool:
-        deadline = started + self.policy.drain_timeout
         while True:
-            now = time.monotonic()
-            left = _quiet_left(self._kit.activity, started, self.policy.quiet_period, now)
-            if left <= 0:
-                return True
-            if now >= deadline or self._hurry.is_set():
-                return False
+            step = _quiet_step(self._kit.activity, self.policy, started, self._hurry.is_set())
+            if isinstance(step, bool):
+                return step
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(left, deadline - now)):
+                async with asyncio.timeout(step):
                     await self._hurry.wait()
 
     async def __aenter__(self) -> AioRegisteredServer:
@@ -272,11 +300,9 @@ async def aio_serve_registered(
     """
     if not isinstance(client, AsyncClient):
         raise ConfigError("aio_serve_registered needs an etcdisco.AsyncClient")
-    names = _names(services)
-    advertised = _address(port, address, host)
-    policy = DrainPolicy(quiet_period, drain_timeout, grace)
-    kit = kit_of(server)
-    _check_signals_allowed(handle_signals)
+    names, advertised, policy, kit = _prepared(
+        server, services, port, address, host, (quiet_period, drain_timeout, grace), handle_signals
+    )
 
     await server.start()
     registrations: list[Registration] = []
@@ -404,15 +430,8 @@ class RegisteredServer:
             waited = time.monotonic() - started
             self._each("deregister", lambda reg: reg.deregister(_ETCD_STEP_TIMEOUT))
             self.server.stop(self.policy.grace).wait()
-            report = DrainReport(quiet, waited, self._kit.activity.arrivals - arrivals)
-            self.drain_report = report
-            log.info(
-                "%s drained in %.2fs (%s, %d RPCs while draining) and stopped",
-                self.address,
-                waited,
-                "quiet" if quiet else "timed out",
-                report.rpcs_while_draining,
-            )
+            rpcs = self._kit.activity.arrivals - arrivals
+            self.drain_report = _drained(self.address, quiet, waited, rpcs)
         except Exception:
             log.exception("draining %s failed; stopping the server", self.address)
             self.server.stop(0)
@@ -427,15 +446,11 @@ class RegisteredServer:
                 log.warning("%s %s failed: %s", what, reg.key, exc)
 
     def _wait_quiet(self, started: float) -> bool:
-        deadline = started + self.policy.drain_timeout
         while True:
-            now = time.monotonic()
-            left = _quiet_left(self._kit.activity, started, self.policy.quiet_period, now)
-            if left <= 0:
-                return True
-            if now >= deadline or self._hurry.is_set():
-                return False
-            self._hurry.wait(min(left, deadline - now))
+            step = _quiet_step(self._kit.activity, self.policy, started, self._hurry.is_set())
+            if isinstance(step, bool):
+                return step
+            self._hurry.wait(step)
 
     def __enter__(self) -> RegisteredServer:
         return self
@@ -472,11 +487,9 @@ def serve_registered(
         raise ConfigError(
             "serve_registered needs an etcdisco.Client (AsyncClient: aio_serve_registered)"
         )
-    names = _names(services)
-    advertised = _address(port, address, host)
-    policy = DrainPolicy(quiet_period, drain_timeout, grace)
-    kit = kit_of(server)
-    _check_signals_allowed(handle_signals)
+    names, advertised, policy, kit = _prepared(
+        server, services, port, address, host, (quiet_period, drain_timeout, grace), handle_signals
+    )
 
     server.start()
     registrations: list[SyncRegistration] = []
