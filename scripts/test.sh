@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The full check, as CI runs it: setup, lint, type check, tests.
+# The full check, as CI runs it: setup, lint, type check, tests, soaks under faults
+# (tests/soak: 2 minutes on the newest etcd, 1 on 3.4) and a quick run of every benchmark.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k etcd3.5 -x).
 # Every step runs even when an earlier one fails, so one run shows every problem;
 # the exit status is non-zero if any step failed.
@@ -22,7 +23,14 @@ step ruff .venv/bin/ruff check .
 step ruff-format .venv/bin/ruff format --check .
 step mypy .venv/bin/mypy
 step pytest .venv/bin/pytest -q -p no:cacheprovider "$@"
-step benchmarks-quick .venv/bin/python benchmarks/run_all.py --quick --out "${TMPDIR:-/tmp}/etcdisco-bench-quick.md"
+# The whole-system runs belong to the full check only; a narrowed run
+# (scripts/test.sh -k ...) is for iterating on tests.
+if [ "$#" -eq 0 ]; then
+    step soak .venv/bin/python -m tests.soak --duration 120
+    step soak-etcd3.4 .venv/bin/python -m tests.soak --duration 60 --etcd 3.4
+    step benchmarks-quick .venv/bin/python benchmarks/run_all.py --quick \
+        --out "${TMPDIR:-/tmp}/etcdisco-bench-quick.md"
+fi
 
 if [ "${#failed[@]}" -gt 0 ]; then
     printf '\ntest.sh: FAILED: %s\n' "${failed[*]}" >&2
