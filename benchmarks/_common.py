@@ -26,11 +26,20 @@ def load_average() -> float:
 
 
 def command_line(script: str) -> str:
-    """How this run was started, as a user would type it from the repository root."""
+    """How this run was started, as a user would type it from the repository root;
+    without ``--out``, which says where the section went, not what was measured."""
     python = Path(os.path.normpath(sys.executable))
     with contextlib.suppress(ValueError):
         python = python.relative_to(ROOT)
-    return shlex.join([str(python), f"benchmarks/{script}", *sys.argv[1:]])
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out="):
+            args.append(arg)
+    return shlex.join([str(python), f"benchmarks/{script}", *args])
 
 
 def write_section(text: str, out: Path | None) -> None:
