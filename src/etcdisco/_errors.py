@@ -69,10 +69,11 @@ class AuthError(EtcdError):
 
 
 class CompactedError(EtcdError):
-    """A watch started below etcd's compaction point."""
+    """A revision below etcd's compaction point: a watch started there, or a
+    compaction asked for one already compacted (``compact_revision`` 0: not known)."""
 
-    def __init__(self, compact_revision: int) -> None:
-        super().__init__(f"revision compacted; oldest available is {compact_revision}")
+    def __init__(self, compact_revision: int, message: str | None = None) -> None:
+        super().__init__(message or f"revision compacted; oldest available is {compact_revision}")
         self.compact_revision = compact_revision
 
 

@@ -61,6 +61,10 @@ async def test_watch_below_compaction_raises_typed_error(etcd) -> None:
                 await asyncio.wait_for(anext(w), 5)
         assert info.value.compact_revision == last.revision
 
+        # Compacting again to the same point names the revision, not a bogus "0".
+        with pytest.raises(CompactedError, match=f"revision {last.revision} is already"):
+            await c.compact(last.revision)
+
 
 async def test_watch_progress_request_is_answered(etcd) -> None:
     async with EtcdClient(etcd.endpoint) as c, c.watch("quiet/", prefix=True) as w:

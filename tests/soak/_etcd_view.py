@@ -10,7 +10,7 @@ import json
 import re
 from typing import Any
 
-from etcdisco import MalformedValueError
+from etcdisco import CompactedError, MalformedValueError
 from etcdisco._local_etcd import LocalEtcdCluster
 from etcdisco._model import decode_instance
 from etcdisco.etcd import EtcdClient
@@ -88,10 +88,15 @@ class EtcdView:
         result = await self.client.delete(key)
         return result.deleted
 
-    async def compact_now(self) -> int:
+    async def compact_now(self) -> str:
+        """Compact at the current revision; says which, for the report."""
         revision = (await self.client.get("soak-compaction-probe")).revision
-        await self.client.compact(revision)
-        return revision
+        try:
+            await self.client.compact(revision)
+        except CompactedError:
+            # Nothing written since the last compaction: history already ends here.
+            return f"{revision}, already compacted there"
+        return str(revision)
 
     async def leases(self) -> set[int]:
         result = await asyncio.to_thread(

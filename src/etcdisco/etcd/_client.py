@@ -253,8 +253,12 @@ class EtcdClient:
         return TxnResult(succeeded=r.succeeded, revision=r.header.revision)
 
     async def compact(self, revision: int, *, physical: bool = True) -> None:
+        """Compact history up to ``revision``; CompactedError when it already is."""
         request = rpc_pb2.CompactionRequest(revision=revision, physical=physical)
-        await self._conn.call(lambda ep: ep.kv.Compact, request, timeout=30.0)
+        try:
+            await self._conn.call(lambda ep: ep.kv.Compact, request, timeout=30.0)
+        except CompactedError:
+            raise CompactedError(0, f"revision {revision} is already compacted") from None
 
     # -- lease ---------------------------------------------------------------------
 
