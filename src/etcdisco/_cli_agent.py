@@ -22,7 +22,7 @@ import click
 
 from ._cli_metrics import Listen, exposing_metrics, metrics_option
 from ._errors import ConfigError
-from ._model import parse_address
+from ._model import parse_listen
 from .health import (
     DEFAULT_FALL,
     DEFAULT_INTERVAL,
@@ -117,15 +117,10 @@ def health_options(command: F) -> F:
 
 
 def _listen_address(text: str) -> tuple[str, int]:
-    # Port 0 (any free port, printed once listening) is not an instance address, so
-    # it is checked apart from the host.
-    head, _, port_text = text.rpartition(":")
-    any_port = port_text == "0"
     try:
-        host, port = parse_address(f"{head}:1" if any_port else text)
+        return parse_listen(text)
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--health-listen") from None
-    return host, 0 if any_port else port
 
 
 @dataclass(frozen=True)

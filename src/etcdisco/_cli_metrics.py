@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from ._errors import ConfigError
-from ._model import parse_address
+from ._model import parse_listen
 
 if TYPE_CHECKING:
     from .metrics import MetricsServer
@@ -34,14 +34,10 @@ def _parse_listen(ctx: click.Context, param: click.Parameter, text: str | None) 
         raise click.BadParameter(
             "needs prometheus-client: pip install 'etcdisco[metrics]'", ctx, param
         )
-    # Port 0 is no instance address, so the host is checked with a stand-in port.
-    head, _, port_text = text.rpartition(":")
-    any_port = port_text == "0"
     try:
-        host, port = parse_address(f"{head}:1" if any_port else text)
+        return parse_listen(text)
     except ConfigError as exc:
         raise click.BadParameter(str(exc), ctx, param) from None
-    return host, 0 if any_port else port
 
 
 def metrics_option(command: F) -> F:

@@ -12,6 +12,7 @@ import click
 
 from ._cli_metrics import Listen, exposing_metrics, metrics_option
 from ._errors import ConfigError, EtcdTimeoutError
+from ._model import join_address, parse_listen
 
 if TYPE_CHECKING:
     # Imported for types only: a module-level import of .cli (which imports this module)
@@ -199,13 +200,12 @@ def xds_cmd(
 
     try:
         from .grpc.xds import XdsServer, bootstrap_config
-        from .grpc.xds._server import _split_listen
     except ImportError as exc:
         fail(str(exc))
         return
 
     try:
-        host, port = _split_listen(listen)
+        host, port = parse_listen(listen)
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--listen") from None
     policies = _parse_policies(policy)
@@ -218,7 +218,7 @@ def xds_cmd(
                     f"clients cannot dial {listen}: give --server-uri HOST:PORT "
                     "(the address clients reach this server at)"
                 )
-            server_uri = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            server_uri = join_address(host, port)
         if tls is not None and tls.client_ca is not None and tls.client_cert is None:
             fail(
                 "the control plane requires client certificates (--xds-client-ca): "

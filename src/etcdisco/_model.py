@@ -265,12 +265,27 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, _parse_port(address, port_text)
 
 
+def join_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def normalize_address(address: str) -> str:
     """The canonical text of ``address``: lower-case host, compressed IPv6 in brackets."""
-    host, port = parse_address(address)
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
+    return join_address(*parse_address(address))
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """A ``host:port`` to listen on: unlike an instance address, the port may be 0 (any
+    free port) and the host unspecified (``0.0.0.0``, ``::``, or empty for 0.0.0.0)."""
+    head, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"listen address {listen!r} is not HOST:PORT (port 0 picks a free one)")
+    host = head[1:-1] if head.startswith("[") and head.endswith("]") else head
+    if host in ("", "0.0.0.0", "::"):
+        return host or "0.0.0.0", int(port_text)
+    parsed, _ = parse_address(join_address(host, 1))
+    return parsed, int(port_text)
 
 
 class Status(StrEnum):

@@ -91,6 +91,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import CollectorRegistry
 
 from ._async_client import AsyncClient
+from ._model import join_address
 from .discovery import CacheState, PrefixWatcher
 from .etcd._connection import ConnectionState
 from .health import CheckResult
@@ -457,8 +458,7 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
+        return f"http://{join_address(self.host, self.port)}/metrics"
 
     def close(self) -> None:
         self._server.shutdown()

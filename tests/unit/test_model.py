@@ -26,6 +26,7 @@ from etcdisco._model import (
     instance_key,
     normalize_address,
     parse_address,
+    parse_listen,
     service_prefix,
     split_key,
     validate_instance_id,
@@ -237,6 +238,29 @@ def test_invalid_addresses(address: str, fragment: str) -> None:
     assert fragment in info.value.reason
     with pytest.raises(InvalidAddressError):
         normalize_address(address)
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        ("0.0.0.0:8500", ("0.0.0.0", 8500)),  # the README's container probe address
+        ("[::]:9100", ("::", 9100)),
+        (":9100", ("0.0.0.0", 9100)),
+        ("127.0.0.1:0", ("127.0.0.1", 0)),
+        ("Probe.Local:80", ("probe.local", 80)),
+        ("[::1]:0", ("::1", 0)),
+    ],
+)
+def test_listen_addresses_allow_any_host_and_port_zero(
+    listen: str, expected: tuple[str, int]
+) -> None:
+    assert parse_listen(listen) == expected
+
+
+@pytest.mark.parametrize("listen", ["8500", "host:", "host:http", "1.2.3.4:65536", "a_b:80"])
+def test_bad_listen_addresses_are_refused(listen: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_listen(listen)
 
 
 def test_invalid_address_is_a_config_error() -> None:

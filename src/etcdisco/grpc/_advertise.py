@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from .._model import normalize_address
+from .._model import join_address, normalize_address
 
 # Documentation-only networks (RFC 5737, RFC 3849): connecting a UDP socket to them
 # asks the kernel for the route to the outside and sends nothing.
@@ -41,5 +41,4 @@ def advertised_address(port: int, host: str | None = None) -> str:
     wildcard host, a bad port or a malformed name.
     """
     host = primary_ip() if host is None else host.strip("[]")
-    text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return normalize_address(text)
+    return normalize_address(join_address(host, port))

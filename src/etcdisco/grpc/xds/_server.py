@@ -30,7 +30,7 @@ import grpc
 
 from ..._async_client import AsyncClient
 from ..._errors import ConfigError, EtcdTimeoutError
-from ..._model import ChangeEvent, EventType, Instance, parse_address
+from ..._model import ChangeEvent, EventType, Instance, join_address, parse_listen
 from ...discovery import ServiceCache
 from . import _protos as p
 from ._ads import SERVICE_NAME, AdsStats, AdsStream
@@ -158,7 +158,7 @@ class XdsServer:
         retries: int = DEFAULT_RETRIES,
         tls: XdsTls | None = None,
     ) -> None:
-        host, port = _split_listen(listen)
+        host, port = parse_listen(listen)
         self._client = client
         self.tls = tls
         self._listen = (host, port)
@@ -201,15 +201,15 @@ class XdsServer:
                 )
             ]
         )
-        host, port = self._listen
+        where = join_address(*self._listen)
         try:
             if credentials is None:
-                self.port = server.add_insecure_port(_join(host, port))
+                self.port = server.add_insecure_port(where)
             else:
-                self.port = server.add_secure_port(_join(host, port), credentials)
+                self.port = server.add_secure_port(where, credentials)
         except RuntimeError as exc:
             await self._cache.close()
-            raise ConfigError(f"xDS server cannot listen on {_join(host, port)}: {exc}") from None
+            raise ConfigError(f"xDS server cannot listen on {where}: {exc}") from None
         await server.start()
         self._server = server
         self._publisher = asyncio.get_running_loop().create_task(
@@ -267,7 +267,7 @@ class XdsServer:
     @property
     def address(self) -> str:
         """``host:port`` as bound (the port is known after :meth:`start`)."""
-        return _join(self._listen[0], self.port)
+        return join_address(self._listen[0], self.port)
 
     def services(self) -> list[str]:
         """The services currently served (those with at least one instance)."""
@@ -392,26 +392,10 @@ async def _resolve(names: set[str]) -> dict[str, str]:
     return {name: ip for name, ip in results if ip is not None}
 
 
-def _split_listen(listen: str) -> tuple[str, int]:
-    """``host:port`` where the port may be 0 (any free port) and the host unspecified."""
-    head, sep, port_text = listen.rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
-        raise ConfigError(f"listen address {listen!r} is not HOST:PORT (port 0 picks a free one)")
-    host = head[1:-1] if head.startswith("[") and head.endswith("]") else head
-    if host in ("", "0.0.0.0", "::"):
-        return host or "0.0.0.0", int(port_text)
-    parsed, _ = parse_address(f"[{host}]:1" if ":" in host else f"{host}:1")
-    return parsed, int(port_text)
-
-
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _dialable(host: str, port: int) -> str:
     if host in ("0.0.0.0", "::"):
         raise ConfigError(
             f"the server listens on {host}, which clients cannot dial; "
             "give the address they should use (server_uri / --server-uri)"
         )
-    return _join(host, port)
+    return join_address(host, port)
