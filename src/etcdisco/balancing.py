@@ -593,14 +593,7 @@ class ZoneAware(BasePicker):
             raise ConfigError(f"zone_aware: zone must be a non-empty string, got {zone!r}")
         self.zone = zone
         self._min_local = _check_int("zone_aware", "min_local", min_local, 1)
-        if isinstance(inner, str):
-            self._inner: Picker = make_picker(inner, **dict(inner_options or {}))
-        elif inner_options:
-            raise ConfigError("zone_aware: inner_options apply only when inner is a policy name")
-        elif all(callable(getattr(inner, name, None)) for name in ("pick", "started", "finished")):
-            self._inner = inner
-        else:
-            raise ConfigError(f"zone_aware: inner must be a policy name or a picker, got {inner!r}")
+        self._inner = picker_from(inner, inner_options or {}, "zone_aware: inner")
         self._views: _SnapshotCache[tuple[Instance, ...]] = _SnapshotCache(self._build)
 
     @property
@@ -637,6 +630,19 @@ POLICIES: dict[str, type[BasePicker]] = {
 def _option_names(cls: type[BasePicker]) -> list[str]:
     params = inspect.signature(cls.__init__).parameters.values()
     return [p.name for p in params if p.name != "self"]
+
+
+def picker_from(policy: str | Picker, options: Mapping[str, Any], what: str) -> Picker:
+    """A new picker for a policy name and its options, or a picker object as given. An
+    object must have all of ``pick``, ``started`` and ``finished``: callers count calls
+    through the last two, and one missing would fail every call after the pick."""
+    if isinstance(policy, str):
+        return make_picker(policy, **options)
+    if options:
+        raise ConfigError(f"{what}: options go with a policy name, not with a picker object")
+    if all(callable(getattr(policy, name, None)) for name in ("pick", "started", "finished")):
+        return policy
+    raise ConfigError(f"{what} must be a policy name or a picker, not {policy!r}")
 
 
 def make_picker(policy: str, **options: Any) -> Picker:

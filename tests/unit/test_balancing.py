@@ -22,6 +22,7 @@ from etcdisco.balancing import (
     RingHash,
     WeightedRoundRobin,
     ZoneAware,
+    picker_from,
 )
 
 
@@ -507,3 +508,21 @@ def test_make_picker_builds_each_policy(policy: str, cls: type[BasePicker]) -> N
 def test_bad_options_are_config_errors(policy: str, options: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         make_picker(policy, **options)
+
+
+class _PickOnly:
+    """A picker written against the old one-method interface."""
+
+    def pick(self, instances: Sequence[Instance], key: str | None = None) -> Instance | None:
+        return instances[0] if instances else None
+
+
+def test_a_picker_object_needs_started_and_finished_too() -> None:
+    # Callers count calls through started/finished; one missing would fail every call.
+    with pytest.raises(ConfigError, match="must be a policy name or a picker"):
+        picker_from(_PickOnly(), {}, "policy")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="zone_aware: inner"):
+        ZoneAware(zone="a", inner=_PickOnly())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="options go with a policy name"):
+        picker_from(RoundRobin(), {"decay": 1.0}, "policy")
+    assert isinstance(picker_from("round_robin", {}, "policy"), RoundRobin)

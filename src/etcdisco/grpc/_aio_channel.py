@@ -20,12 +20,12 @@ import grpc.aio
 from .._async_client import AsyncClient
 from .._errors import ConfigError
 from .._model import ChangeEvent
-from ..balancing import Picker
+from ..balancing import Picker, picker_from
 from ..discovery import ServiceCache
 from ..outlier import OutlierDetector
 from ._calls import MethodRouter, PinnedUnaryStream, call_options, deadline_after
 from ._channel_base import ChannelBase
-from ._options import ChannelSettings, HashKey, detector_for, picker_for, settings
+from ._options import ChannelSettings, HashKey, detector_for, settings
 from ._pool import Pool, SubChannel
 
 log = logging.getLogger("etcdisco.grpc")
@@ -410,7 +410,7 @@ def aio_channel(
         compression=compression,
         hash_key=hash_key,
     )
-    picker = picker_for(policy, policy_options)
+    picker = picker_from(policy, policy_options, "policy")
     detector = detector_for(outlier)
     if not isinstance(source, AsyncClient | ServiceCache):
         raise ConfigError(

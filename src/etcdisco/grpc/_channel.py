@@ -18,7 +18,7 @@ import grpc
 
 from .._errors import ConfigError, EtcdiscoError
 from .._model import ChangeEvent
-from ..balancing import Picker
+from ..balancing import Picker, picker_from
 from ..outlier import OutlierDetector
 from ..sync import Client, SyncServiceCache
 from ._calls import (
@@ -29,7 +29,7 @@ from ._calls import (
     deadline_after,
 )
 from ._channel_base import ChannelBase
-from ._options import ChannelSettings, HashKey, detector_for, picker_for, settings
+from ._options import ChannelSettings, HashKey, detector_for, settings
 from ._pool import Pool, SubChannel
 
 log = logging.getLogger("etcdisco.grpc")
@@ -420,7 +420,7 @@ def channel(
         compression=compression,
         hash_key=hash_key,
     )
-    picker = picker_for(policy, policy_options)
+    picker = picker_from(policy, policy_options, "policy")
     detector = detector_for(outlier)
     if isinstance(source, Client):
         cache = source.discover(service)

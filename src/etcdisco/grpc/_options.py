@@ -22,7 +22,6 @@ from typing import Any
 import grpc
 
 from .._errors import ConfigError
-from ..balancing import Picker, make_picker
 from ..outlier import OutlierDetector
 
 # grpc-core's status detail when the call found no connection to send it on.
@@ -102,16 +101,6 @@ def settings(
         compression=compression,
         hash_key=hash_key,
     )
-
-
-def picker_for(policy: str | Picker, options: dict[str, Any]) -> Picker:
-    if isinstance(policy, str):
-        return make_picker(policy, **options)
-    if options:
-        raise ConfigError("policy options go with a policy name, not with a picker object")
-    if not callable(getattr(policy, "pick", None)):
-        raise ConfigError(f"policy must be a policy name or a Picker, not {policy!r}")
-    return policy
 
 
 def detector_for(outlier: OutlierDetector | bool) -> OutlierDetector | None:
