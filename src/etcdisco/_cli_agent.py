@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import signal
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -180,7 +179,7 @@ def agent_cmd(
     or SIGINT deregisters everything and exits 0.
     """
     from .agent import Agent, ProbeServer, ReadyFile, load_config
-    from .cli import fail, run_until_signal
+    from .cli import fail, log_to_stderr, run_until_signal
 
     try:
         specs = load_config(config_path)
@@ -190,12 +189,7 @@ def agent_cmd(
         click.echo(f"{config_path}: {len(specs)} service(s), valid")
         return
     ready_file, listen = probes.ready_file, probes.listen
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO,
-            stream=sys.stderr,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+    log_to_stderr(logging.INFO)
 
     def say(event: str, **fields: Any) -> None:
         if settings.json:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 
@@ -47,8 +46,6 @@ def main() -> None:
     parser.add_argument("--service", default="demo-echo")
     parser.add_argument("--pace", type=float, default=0.02, help="seconds between calls")
     args = parser.parse_args()
-    # install() refuses a bootstrap file (gRPC would read it instead of ours).
-    os.environ.pop(xds.BOOTSTRAP_ENV, None)
     stop = threading.Event()
     threading.Thread(target=_close_on_eof, args=(stop,), daemon=True).start()
     with xds.install(args.endpoints):

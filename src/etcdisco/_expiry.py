@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._errors import ConfigError
@@ -183,9 +183,3 @@ class ExpiryGuard:
                 self.returned(key)
             else:
                 fresh[key] = suspect
-
-    def held(self, key: str) -> bool:
-        return key in self._held
-
-    def snapshot(self) -> Mapping[str, Instance]:
-        return {key: inst for key, (inst, _) in self._held.items()}

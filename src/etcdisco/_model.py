@@ -576,7 +576,8 @@ class ChangeEvent:
     previous: Instance | None = field(default=None)
 
 
-def _same_content(a: Instance, b: Instance) -> bool:
+def same_content(a: Instance, b: Instance) -> bool:
+    """Nothing a client acts on differs (revision and lease aside)."""
     return a.address == b.address and a.metadata == b.metadata and a.suspect == b.suspect
 
 
@@ -588,7 +589,7 @@ def diff(old: Mapping[str, Instance], new: Mapping[str, Instance]) -> list[Chang
     updated = [
         ChangeEvent(EventType.UPDATED, new[key], old[key])
         for key in sorted(old.keys() & new.keys())
-        if not _same_content(old[key], new[key])
+        if not same_content(old[key], new[key])
     ]
     added = [ChangeEvent(EventType.ADDED, new[key]) for key in sorted(new.keys() - old.keys())]
     return removed + updated + added

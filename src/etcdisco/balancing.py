@@ -35,6 +35,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
+from ._checks import check_clock, check_float, check_int
 from ._errors import ConfigError
 from ._model import Instance, usable
 
@@ -105,11 +106,6 @@ class _SnapshotCache(Generic[V]):
         return value
 
 
-def _healthy(instances: tuple[Instance, ...]) -> tuple[Instance, ...]:
-    # Healthy and live; the suspects kept through a mass expiry only when none is live.
-    return usable(instances)
-
-
 class BasePicker:
     """Base of the built-in pickers: ``started``/``finished`` do nothing."""
 
@@ -126,36 +122,12 @@ class BasePicker:
 # ---------------------------------------------------------------------------- validation
 
 
-def _check_int(policy: str, name: str, value: object, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{policy}: {name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_float(policy: str, name: str, value: object, *, positive: bool = True) -> float:
-    if (
-        not isinstance(value, int | float)
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or (value <= 0 if positive else value < 0)
-    ):
-        bound = "> 0" if positive else ">= 0"
-        raise ConfigError(f"{policy}: {name} must be a finite number {bound}, got {value!r}")
-    return float(value)
-
-
 def _check_rng(policy: str, rng: object) -> random.Random:
     if rng is None:
         return random.Random()
     if not isinstance(rng, random.Random):
         raise ConfigError(f"{policy}: rng must be a random.Random, got {type(rng).__name__}")
     return rng
-
-
-def _check_clock(policy: str, clock: object) -> Clock:
-    if not callable(clock):
-        raise ConfigError(f"{policy}: clock must be a callable returning seconds")
-    return clock
 
 
 # ---------------------------------------------------------------------------- round robin
@@ -171,8 +143,8 @@ class RoundRobin(BasePicker):
     def __init__(self, *, start: int | None = None) -> None:
         if start is None:
             start = random.randrange(1 << 30)
-        self._counter = itertools.count(_check_int("round_robin", "start", start, 0))
-        self._views: _SnapshotCache[tuple[Instance, ...]] = _SnapshotCache(_healthy)
+        self._counter = itertools.count(check_int("round_robin", "start", start, 0))
+        self._views: _SnapshotCache[tuple[Instance, ...]] = _SnapshotCache(usable)
 
     def pick(self, instances: Sequence[Instance], key: str | None = None) -> Instance | None:
         candidates = self._views.get(instances)
@@ -187,7 +159,7 @@ class Random(BasePicker):
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = _check_rng("random", rng)
-        self._views: _SnapshotCache[tuple[Instance, ...]] = _SnapshotCache(_healthy)
+        self._views: _SnapshotCache[tuple[Instance, ...]] = _SnapshotCache(usable)
 
     def pick(self, instances: Sequence[Instance], key: str | None = None) -> Instance | None:
         candidates = self._views.get(instances)
@@ -277,7 +249,7 @@ class WeightedRoundRobin(BasePicker):
 
     def _build(self, instances: tuple[Instance, ...]) -> _SmoothSchedule:
         carried = self._schedule.current() if self._schedule is not None else {}
-        return _SmoothSchedule(_healthy(instances), carried)
+        return _SmoothSchedule(usable(instances), carried)
 
     def pick(self, instances: Sequence[Instance], key: str | None = None) -> Instance | None:
         with self._lock:
@@ -348,13 +320,13 @@ class PowerOfTwoChoices(BasePicker):
         rng: random.Random | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
-        self._decay = _check_float("p2c", "decay", decay)
+        self._decay = check_float("p2c", "decay", decay)
         # The pool's average latency, seeded with a guess until calls report.
-        self._pool = _check_float("p2c", "default_latency", default_latency)
-        self._penalty = _check_float("p2c", "failure_penalty", failure_penalty, positive=False)
-        self._forget_after = _check_float("p2c", "forget_after", forget_after)
+        self._pool = check_float("p2c", "default_latency", default_latency)
+        self._penalty = check_float("p2c", "failure_penalty", failure_penalty, positive=False)
+        self._forget_after = check_float("p2c", "forget_after", forget_after)
         self._rng = _check_rng("p2c", rng)
-        self._clock = _check_clock("p2c", clock)
+        self._clock = check_clock("p2c", clock)
         self._lock = threading.Lock()
         self._loads: dict[str, _Load] = {}
         self._keep: frozenset[str] = frozenset()
@@ -364,7 +336,7 @@ class PowerOfTwoChoices(BasePicker):
         self._views: _SnapshotCache[_P2CView] = _SnapshotCache(self._build)
 
     def _build(self, instances: tuple[Instance, ...]) -> _P2CView:
-        return _P2CView(_healthy(instances))
+        return _P2CView(usable(instances))
 
     def _load(self, key: str, now: float) -> _Load:
         load = self._loads.get(key)
@@ -507,14 +479,14 @@ class RingHash(BasePicker):
         max_points: int = 20_000,
         rng: random.Random | None = None,
     ) -> None:
-        self._replicas = _check_int("ring_hash", "replicas", replicas, 1)
-        self._max_points = _check_int("ring_hash", "max_points", max_points, 1)
+        self._replicas = check_int("ring_hash", "replicas", replicas, 1)
+        self._max_points = check_int("ring_hash", "max_points", max_points, 1)
         self._rng = _check_rng("ring_hash", rng)
         self._ring: _Ring | None = None
         self._views: _SnapshotCache[_Ring] = _SnapshotCache(self._build)
 
     def _build(self, instances: tuple[Instance, ...]) -> _Ring:
-        candidates = _healthy(instances)
+        candidates = usable(instances)
         members = _weighted(candidates)
         total = sum(weight for _, weight in members) * self._replicas
         scale = min(1.0, self._max_points / total) if total else 1.0
@@ -592,7 +564,7 @@ class ZoneAware(BasePicker):
         if not isinstance(zone, str) or not zone:
             raise ConfigError(f"zone_aware: zone must be a non-empty string, got {zone!r}")
         self.zone = zone
-        self._min_local = _check_int("zone_aware", "min_local", min_local, 1)
+        self._min_local = check_int("zone_aware", "min_local", min_local, 1)
         self._inner = picker_from(inner, inner_options or {}, "zone_aware: inner")
         self._views: _SnapshotCache[tuple[Instance, ...]] = _SnapshotCache(self._build)
 
@@ -601,7 +573,7 @@ class ZoneAware(BasePicker):
         return self._inner
 
     def _build(self, instances: tuple[Instance, ...]) -> tuple[Instance, ...]:
-        healthy = _healthy(instances)
+        healthy = usable(instances)
         local = tuple(inst for inst in healthy if inst.zone == self.zone)
         return local if len(local) >= self._min_local else healthy
 

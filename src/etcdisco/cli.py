@@ -54,6 +54,13 @@ class Settings:
         )
 
 
+def log_to_stderr(level: str | int) -> None:
+    """Log records at ``level`` to stderr, unless logging is set up already."""
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
 def fail(message: str, code: int = 1) -> None:
     click.echo(f"etcdisco: error: {message}", err=True)
     sys.exit(code)
@@ -151,11 +158,7 @@ def cli(
 ) -> None:
     """Service registration and discovery on etcd."""
     if log_level:
-        logging.basicConfig(
-            level=log_level.upper(),
-            stream=sys.stderr,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        log_to_stderr(log_level.upper())
     ctx.obj = Settings(endpoints, prefix, cacert, cert, key, user, timeout, as_json)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from ._backoff import Backoff
 from ._errors import ClosedError, CompactedError, EtcdError, EtcdTimeoutError, MalformedValueError
 from ._expiry import ExpiryGuard, ExpiryProtection
-from ._model import ChangeEvent, EventType, Instance, decode_instance, diff
+from ._model import ChangeEvent, EventType, Instance, decode_instance, diff, same_content
 from .etcd import EtcdClient, KeyValue, Watch, WatchEventType
 
 log = logging.getLogger("etcdisco.discovery")
@@ -284,9 +284,7 @@ class PrefixWatcher:
                     self.instances[key] = inst
                     if old is None:
                         changes.append(ChangeEvent(EventType.ADDED, inst, None))
-                    elif (
-                        old.address != inst.address or old.metadata != inst.metadata or old.suspect
-                    ):
+                    elif not same_content(old, inst):
                         changes.append(ChangeEvent(EventType.UPDATED, inst, old))
             self.revision = max(self.revision, kv.mod_revision)
         self._publish(changes)

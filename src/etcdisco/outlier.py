@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from ._checks import check_clock, check_float, check_int
 from ._errors import ConfigError
 from ._model import Instance
 
@@ -47,16 +48,7 @@ class _Record:
         self.touched = now
 
 
-def _number(name: str, value: object, *, minimum: float, strict: bool) -> float:
-    if (
-        not isinstance(value, int | float)
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or (value <= minimum if strict else value < minimum)
-    ):
-        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
-        raise ConfigError(f"outlier detection: {name} must be a number {bound}, got {value!r}")
-    return float(value)
+_WHAT = "outlier detection"
 
 
 class OutlierDetector:
@@ -71,32 +63,21 @@ class OutlierDetector:
         max_ejected_fraction: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if (
-            not isinstance(consecutive_failures, int)
-            or isinstance(consecutive_failures, bool)
-            or consecutive_failures < 1
-        ):
-            raise ConfigError(
-                "outlier detection: consecutive_failures must be an integer >= 1, "
-                f"got {consecutive_failures!r}"
-            )
-        self._threshold = consecutive_failures
-        self._base = _number("base_ejection", base_ejection, minimum=0, strict=True)
-        self._max = _number("max_ejection", max_ejection, minimum=0, strict=True)
+        self._threshold = check_int(_WHAT, "consecutive_failures", consecutive_failures, 1)
+        self._base = check_float(_WHAT, "base_ejection", base_ejection)
+        self._max = check_float(_WHAT, "max_ejection", max_ejection)
         if self._max < self._base:
             raise ConfigError(
                 f"outlier detection: max_ejection ({max_ejection}) is shorter than "
                 f"base_ejection ({base_ejection})"
             )
-        fraction = _number("max_ejected_fraction", max_ejected_fraction, minimum=0, strict=False)
+        fraction = check_float(_WHAT, "max_ejected_fraction", max_ejected_fraction, positive=False)
         if fraction > 1:
             raise ConfigError(
                 f"outlier detection: max_ejected_fraction must be at most 1, got {fraction!r}"
             )
         self._fraction = fraction
-        if not callable(clock):
-            raise ConfigError("outlier detection: clock must be a callable returning seconds")
-        self._clock = clock
+        self._clock = check_clock(_WHAT, clock)
         # The n at which the duration reaches max_ejection.
         self._max_n = 1 + max(0, math.ceil(math.log2(self._max / self._base)))
         self._lock = threading.Lock()

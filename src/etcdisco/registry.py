@@ -33,7 +33,6 @@ from typing import Any
 
 from ._backoff import Backoff
 from ._errors import (
-    ClosedError,
     ConfigError,
     EtcdError,
     EtcdTimeoutError,
@@ -195,13 +194,14 @@ class Registration:
             except Exception:
                 log.exception("health listener failed")
 
-    async def _apply_health(self, failing: bool, *, withdraw: bool) -> None:
+    async def _apply_health(self, failing: bool) -> None:
         """Write the checks' verdict under the current lease (called by the guard)."""
         if self._state is RegistrationState.CLOSED:
             return
         self._failing = failing
         self._encode()
-        if withdraw and failing:
+        assert self._guard is not None  # only the guard calls this
+        if failing and self._guard.mode is OnFailing.WITHDRAW:
             await self._keeper.withdraw(self)
         elif self._withdrawn:
             await self._keeper.restore(self)
@@ -333,9 +333,8 @@ class LeaseKeeper:
             self._registrations.pop(reg.key, None)
             if not self._registrations and self.lease_id is not None:
                 # Nothing keeps this lease alive now: let the next attach start afresh.
-                self._abandoned, self.lease_id = self.lease_id, None
-                with contextlib.suppress(EtcdError):
-                    await self._revoke_abandoned()
+                self._lose_lease()
+                await self._revoke_abandoned()
             raise
         reg._set_state(RegistrationState.REGISTERED)
         self._ensure_task()
@@ -487,9 +486,6 @@ class LeaseKeeper:
             except Exception:
                 # The keeper must outlive any surprise: a dead keeper is a vanished service.
                 log.exception("lease keeper tick failed; continuing")
-                if time.monotonic() - self._last_ack >= self.ttl:
-                    # Whatever broke, a lease without an ack for a whole TTL is gone.
-                    self._lose_lease()
 
     async def _tick(self, interval: float) -> None:
         lease = self.lease_id
@@ -504,7 +500,9 @@ class LeaseKeeper:
             log.warning("lease %x is gone; re-registering", lease)
             self._lose_lease()
             return
-        except (EtcdError, ClosedError) as exc:
+        except Exception as exc:
+            # Whatever broke the round trip (a typed etcd error or a surprise from grpc),
+            # a lease without an ack for a whole TTL is gone.
             silent_for = time.monotonic() - self._last_ack
             if silent_for >= self.ttl:
                 log.warning("no keepalive ack for %.1fs (ttl %ss): %s", silent_for, self.ttl, exc)

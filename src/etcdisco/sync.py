@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from ._async_client import AsyncClient
 from ._errors import EtcdTimeoutError
 from ._model import ChangeEvent, Instance
-from .discovery import CacheState, ServiceCache
+from .discovery import CacheState, EventListener, ServiceCache
 from .health import Check, CheckResult
 from .registry import Registration, RegistrationState
 
@@ -163,6 +163,7 @@ class SyncServiceCache:
         self._client = client
         self._cache = cache
         self._events: queue.SimpleQueue[ChangeEvent] | None = None
+        self._relays: dict[EventListener, EventListener] = {}
 
     @property
     def state(self) -> CacheState:
@@ -194,7 +195,14 @@ class SyncServiceCache:
         def relay(events: list[ChangeEvent]) -> None:
             self._client._dispatch.submit(lambda: listener(events))
 
+        self._relays[listener] = relay
         self._client._call_in_loop(lambda: self._cache.add_listener(relay))
+
+    def remove_listener(self, listener: Callable[[list[ChangeEvent]], None]) -> None:
+        relay = self._relays.pop(listener, None)
+        # A closed client's caches and their listeners are gone with its loop.
+        if relay is not None and not self._client._closed:
+            self._client._call_in_loop(lambda: self._cache.remove_listener(relay))
 
     def next_event(self, timeout: float | None = None) -> ChangeEvent | None:
         """The next change (None after ``timeout``). Events are collected from the

@@ -12,7 +12,6 @@ other change re-registers that one instance; equal specs are not touched at all.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -115,8 +114,8 @@ class _Slot:
         if task is not None and not task.done():
             if self._waiting:
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Not ``await task``: a cancelled caller would cancel the task with it.
+            await asyncio.wait({task})
         if self.reg is not None:
             try:
                 await self.reg.deregister(timeout)

@@ -26,7 +26,7 @@ import importlib
 import shlex
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +74,7 @@ class ServiceSpec:
 
     def only_metadata_differs(self, other: ServiceSpec) -> bool:
         """True when ``other`` can be applied as a metadata update in place."""
-        return self != other and self == ServiceSpec(
-            other.name,
-            other.address,
-            other.instance_id,
-            other.ttl,
-            self.metadata,
-            other.checks,
-            other.on_failing,
-        )
+        return self != other and replace(other, metadata=self.metadata) == self
 
 
 class _Located(ConfigError):
@@ -222,8 +214,7 @@ def parse_config(data: Any, src: _Source | None = None) -> tuple[ServiceSpec, ..
         if key in seen:
             raise src.error(
                 ("services", index),
-                f"registers the same instance as services[{seen[key]}] "
-                f"({spec.name}/{spec.instance_id or spec.address}); give one an id",
+                f"registers the same instance as services[{seen[key]}] ({key}); give one an id",
             )
         seen[key] = index
         specs.append(spec)

@@ -366,11 +366,14 @@ class BalancingChannel(ChannelBase[grpc.Channel], grpc.Channel):
         if self._closed:
             return
         self._closed = True
-        if self._owns_cache:
-            try:
+        try:
+            if self._owns_cache:
                 self._cache.close()
-            except EtcdiscoError as exc:
-                log.warning("%s: closing the discovery cache failed: %s", self.service, exc)
+            else:
+                # The cache lives on with its owner: it must not keep this channel.
+                self._cache.remove_listener(self._on_events)
+        except EtcdiscoError as exc:
+            log.warning("%s: letting go of the discovery cache failed: %s", self.service, exc)
         self._pool.close()
         self._closer.stop()
 

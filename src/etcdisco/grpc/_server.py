@@ -53,14 +53,13 @@ NOT_SERVING: Any = _health_pb2.HealthCheckResponse.NOT_SERVING
 class Activity:
     """When RPCs (other than health checks) arrive. Thread-safe."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self.arrivals = 0
         self.last_arrival = float("-inf")
 
     def touch(self) -> None:
-        now = self._clock()
+        now = time.monotonic()
         with self._lock:
             self.arrivals += 1
             self.last_arrival = now

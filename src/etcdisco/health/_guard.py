@@ -113,7 +113,7 @@ class HealthGuard:
             if failing == self._applied:
                 continue
             try:
-                await self._reg._apply_health(failing, withdraw=self.mode is OnFailing.WITHDRAW)
+                await self._reg._apply_health(failing)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

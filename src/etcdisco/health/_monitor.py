@@ -30,7 +30,6 @@ class CheckRunner:
         self.check = check
         self.thresholds = Thresholds(check.rise, check.fall)
         self.last: Outcome | None = None
-        self.probes = 0
         self._on_change = on_change
         self._rng = rng or random.Random()
         self._task: asyncio.Task[None] | None = None
@@ -43,7 +42,6 @@ class CheckRunner:
         """Probe now; True when the settled state changed."""
         outcome = await run_probe(self.check)
         self.last = outcome
-        self.probes += 1
         changed = self.thresholds.observe(outcome.result)
         if changed:
             # INFO: whoever acts on the verdict (a registration) warns, once.

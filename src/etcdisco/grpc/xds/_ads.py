@@ -54,7 +54,6 @@ class _TypeState:
     nonce: str = ""
     version: int = 0
     sent: dict[str, int] | None = None  # None: nothing sent yet on this stream
-    acked_version: str = ""
 
     def subscribe(self, type_url: str, names: list[str]) -> bool:
         """Apply a request's resource names; True when the subscription changed."""
@@ -181,7 +180,6 @@ class AdsStream:
                 )
             else:
                 self._stats.acks += 1
-                state.acked_version = request.version_info
         changed = state.subscribe(type_url, list(request.resource_names))
         await self._respond(type_url, force=changed or state.sent is None)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..._async_client import AsyncClient
 from ..._errors import ConfigError
-from ...sync import Client, _LoopThread
+from ...sync import Client
 from ._resources import DEFAULT_RETRIES, ServicePolicy
 from ._server import XdsServer, XdsTls
 
@@ -206,40 +206,22 @@ def install(
         "timeout": timeout,
         "tls": xds_tls,
     }
-    if client is not None:
-        given = client
-        server = given._run(_start(given.async_client, **options), timeout=timeout + 5)
-        return EmbeddedXds(server, lambda coro: given._run(coro, timeout=10))
-
-    thread = _LoopThread("etcdisco-xds")
-
-    async def open_() -> tuple[AsyncClient, _EmbeddedServer]:
-        own = AsyncClient(
-            endpoints,
-            prefix=prefix,
-            cacert=cacert,
-            cert=cert,
-            key=key,
-            username=username,
-            password=password,
-        )
-        try:
-            server = await _start(own, **options)
-        except BaseException:
-            await own.close()
-            raise
-        return own, server
-
+    owned = client is None
+    given = client or Client(
+        endpoints,
+        prefix=prefix,
+        cacert=cacert,
+        cert=cert,
+        key=key,
+        username=username,
+        password=password,
+    )
     try:
-        own, server = thread.run(open_(), timeout=timeout + 5)
+        server = given._run(_start(given.async_client, **options), timeout=timeout + 5)
     except BaseException:
-        thread.stop()
+        if owned:
+            given.close()
         raise
-
-    def close_client() -> None:
-        try:
-            thread.run(own.close(), timeout=10)
-        finally:
-            thread.stop()
-
-    return EmbeddedXds(server, lambda coro: thread.run(coro, timeout=10), close_client)
+    # A client made here is the control plane's own: it closes with it.
+    after_close = given.close if owned else None
+    return EmbeddedXds(server, lambda coro: given._run(coro, timeout=10), after_close)

@@ -231,18 +231,23 @@ def route_configuration(service: str, policy: ResolvedPolicy) -> Any:
     return p.route_pb2.RouteConfiguration(name=service, virtual_hosts=[host])
 
 
-def listener(service: str, policy: ResolvedPolicy) -> Any:
-    hcm = p.hcm_pb2.HttpConnectionManager(
-        route_config=route_configuration(service, policy),
-        http_filters=[_router_filter()],
+def listener(service: str, route: Any) -> Any:
+    """The API listener gRPC resolves ``xds:///service`` to, with ``route`` inline."""
+    return _api_listener(service, p.hcm_pb2.HttpConnectionManager(route_config=route))
+
+
+def _api_listener(service: str, hcm: Any) -> Any:
+    hcm.http_filters.append(
+        p.hcm_pb2.HttpFilter(name=_ROUTER_FILTER, typed_config=pack(p.router_pb2.Router()))
     )
     return p.listener_pb2.Listener(
         name=service, api_listener=p.api_listener_pb2.ApiListener(api_listener=pack(hcm))
     )
 
 
-def _router_filter() -> Any:
-    return p.hcm_pb2.HttpFilter(name=_ROUTER_FILTER, typed_config=pack(p.router_pb2.Router()))
+def _over_ads() -> Any:
+    cs = p.config_source_pb2
+    return cs.ConfigSource(ads=cs.AggregatedConfigSource(), resource_api_version=cs.ApiVersion.V3)
 
 
 def missing_route_name(service: str) -> str:
@@ -261,19 +266,8 @@ def missing_listener(service: str) -> Any:
     VirtualHost ...", and when the service registers, the real listener replaces this
     one and the same channel starts working.
     """
-    cs = p.config_source_pb2
-    hcm = p.hcm_pb2.HttpConnectionManager(
-        rds=p.hcm_pb2.Rds(
-            route_config_name=missing_route_name(service),
-            config_source=cs.ConfigSource(
-                ads=cs.AggregatedConfigSource(), resource_api_version=cs.ApiVersion.V3
-            ),
-        ),
-        http_filters=[_router_filter()],
-    )
-    return p.listener_pb2.Listener(
-        name=service, api_listener=p.api_listener_pb2.ApiListener(api_listener=pack(hcm))
-    )
+    rds = p.hcm_pb2.Rds(route_config_name=missing_route_name(service), config_source=_over_ads())
+    return _api_listener(service, p.hcm_pb2.HttpConnectionManager(rds=rds))
 
 
 def empty_route(name: str) -> Any:
@@ -283,16 +277,10 @@ def empty_route(name: str) -> Any:
 
 def cluster(service: str, policy: ResolvedPolicy) -> Any:
     c = p.cluster_pb2.Cluster
-    cs = p.config_source_pb2
     return p.cluster_pb2.Cluster(
         name=service,
         type=c.EDS,
-        eds_cluster_config=c.EdsClusterConfig(
-            eds_config=cs.ConfigSource(
-                ads=cs.AggregatedConfigSource(), resource_api_version=cs.ApiVersion.V3
-            ),
-            service_name=service,
-        ),
+        eds_cluster_config=c.EdsClusterConfig(eds_config=_over_ads(), service_name=service),
         lb_policy=c.RING_HASH if policy.lb == RING_HASH else c.ROUND_ROBIN,
     )
 
@@ -336,9 +324,10 @@ def service_resources(
 ) -> dict[str, Any]:
     """The four resources of one service, by type URL. The route travels inside the
     listener; it is also listed under its own type for RDS clients and for tools."""
+    route = route_configuration(service, policy)
     return {
-        p.LISTENER: listener(service, policy),
-        p.ROUTE: route_configuration(service, policy),
+        p.LISTENER: listener(service, route),
+        p.ROUTE: route,
         p.CLUSTER: cluster(service, policy),
         p.ENDPOINT: load_assignment(service, endpoints),
     }

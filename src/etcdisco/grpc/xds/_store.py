@@ -16,7 +16,6 @@ from typing import Any
 from google.protobuf import any_pb2
 
 from . import _protos as p
-from ._resources import pack
 
 TYPES = (p.LISTENER, p.ROUTE, p.CLUSTER, p.ENDPOINT)
 
@@ -40,7 +39,6 @@ class ResourceStore:
 
     def __init__(self) -> None:
         self._by_type: dict[str, dict[str, Resource]] = {t: {} for t in TYPES}
-        self._serialized: dict[tuple[str, str], bytes] = {}
         self._revisions = itertools.count(1)
         self._listeners: list[ChangeListener] = []
         self.ready = False
@@ -55,10 +53,6 @@ class ResourceStore:
     def resources(self, type_url: str) -> Mapping[str, Resource]:
         return self._by_type[type_url]
 
-    def names(self) -> set[str]:
-        """Every name that has at least one resource (the services served)."""
-        return {name for table in self._by_type.values() for name in table}
-
     def put(self, name: str, messages: Mapping[str, Any] | None) -> frozenset[str]:
         """Set (or with None, delete) the resources named ``name``; returns and announces
         the type URLs whose content changed."""
@@ -66,17 +60,18 @@ class ResourceStore:
         for type_url in TYPES:
             table = self._by_type[type_url]
             message = None if messages is None else messages.get(type_url)
-            key = (type_url, name)
             if message is None:
                 if table.pop(name, None) is not None:
-                    del self._serialized[key]
                     changed.add(type_url)
                 continue
+            # Deterministic bytes, so equal content compares equal; they are also what
+            # the Any carries, so each resource is serialized once.
             data = message.SerializeToString(deterministic=True)
-            if self._serialized.get(key) == data:
+            current = table.get(name)
+            if current is not None and current.body.value == data:
                 continue
-            self._serialized[key] = data
-            table[name] = Resource(name, next(self._revisions), pack(message))
+            body = any_pb2.Any(type_url=type_url, value=data)
+            table[name] = Resource(name, next(self._revisions), body)
             changed.add(type_url)
         result = frozenset(changed)
         if result and self.ready:
