@@ -57,3 +57,15 @@ async def wait_event(
         ev = await next_event(stream, left, f"{kind.value} event for {key}")
         if ev.type is kind and ev.instance.key == key:
             return ev
+
+
+async def communicate(proc: asyncio.subprocess.Process, timeout: float) -> tuple[bytes, bytes]:
+    """``proc.communicate()`` within ``timeout``; a process still running after it (or
+    after any failure here) is killed, so no test leaves one behind."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

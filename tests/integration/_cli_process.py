@@ -60,7 +60,12 @@ class CliProcess:
             self._changed.notify_all()
 
     def said(self) -> str:
+        """What it said, for a failure message (the end of stderr only)."""
         return "stdout:\n" + "\n".join(self.out) + "\nstderr:\n" + "\n".join(self.err[-40:])
+
+    def everything(self) -> str:
+        """Every line it wrote, on either stream (for "never shows X" checks)."""
+        return "\n".join(self.out + self.err)
 
     def json_events(self, name: str) -> list[dict[str, Any]]:
         found = []
@@ -130,3 +135,11 @@ class CliProcess:
                 reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+
+
+def etcd_tls_options(files: Any, *, client_cert: bool = True) -> list[str]:
+    """The global options for an etcd that serves TLS (``etcd_tls`` fixture files)."""
+    options = ["--cacert", str(files.ca)]
+    if client_cert:
+        options += ["--cert", str(files.client_cert), "--key", str(files.client_key)]
+    return options

@@ -19,6 +19,8 @@ import pytest
 
 from etcdisco._local_etcd import LocalEtcd, LocalEtcdCluster, TlsFiles
 
+from ..grpc_echo.fleet import Fleet
+
 _CALL_FAILED = pytest.StashKey[bool]()
 
 
@@ -109,3 +111,13 @@ def etcd_auth(
         yield AuthEtcd(member, credentials.user, credentials.password)
     finally:
         _teardown(request, [member])
+
+
+@pytest.fixture
+def fleet(etcd: LocalEtcd, tmp_path: Path) -> Iterator[Fleet]:
+    """Echo servers in processes of their own, registered in ``etcd``; all stopped after."""
+    f = Fleet(etcd.endpoint, tmp_path)
+    try:
+        yield f
+    finally:
+        f.close()

@@ -6,11 +6,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 from etcdisco import AsyncClient
 
-from ._cli_process import CliProcess
+from ._cli_process import CliProcess, etcd_tls_options
 
 CONFIG = """\
 defaults:
@@ -20,13 +19,6 @@ services:
   - {name: db, address: 127.0.0.1:7202, id: db-primary}
 """
 KEYS = {"services/web/127.0.0.1:7201", "services/db/db-primary"}
-
-
-def tls_options(files: Any, *, client_cert: bool = True) -> list[str]:
-    options = ["--cacert", str(files.ca)]
-    if client_cert:
-        options += ["--cert", str(files.client_cert), "--key", str(files.client_key)]
-    return options
 
 
 @contextlib.asynccontextmanager
@@ -57,7 +49,7 @@ async def keys(client: AsyncClient) -> set[str]:
 async def test_agent_registers_over_mutual_tls(etcd_tls, tmp_path: Path) -> None:
     member, files = etcd_tls
     async with (
-        agent(member.endpoint, tls_options(files), tmp_path / "agent.yaml") as proc,
+        agent(member.endpoint, etcd_tls_options(files), tmp_path / "agent.yaml") as proc,
         AsyncClient(member.endpoint, cacert=str(files.ca), cert=str(files.client_cert),
                     key=str(files.client_key)) as reader,
     ):  # fmt: skip
@@ -83,7 +75,7 @@ async def test_agent_registers_with_user_and_password(etcd_auth, tmp_path: Path)
         assert await keys(reader) == KEYS
         assert await proc.stop() == 0, proc.said()
         assert await keys(reader) == set()
-        assert password not in proc.said()
+        assert password not in proc.everything()
 
 
 def argv(proc: CliProcess) -> list[str]:
@@ -94,7 +86,7 @@ async def test_agent_without_client_certificate_says_so_and_is_never_ready(
     etcd_tls, tmp_path: Path
 ) -> None:
     member, files = etcd_tls
-    options = tls_options(files, client_cert=False)
+    options = etcd_tls_options(files, client_cert=False)
     async with agent(member.endpoint, options, tmp_path / "agent.yaml") as proc:
         # The agent outlives an etcd it cannot use yet (by design), and says why.
         failed = await proc.line("registering", stderr=True)
@@ -125,4 +117,4 @@ async def test_agent_with_wrong_password_says_so_and_is_never_ready(
         assert "authentication failed" in failed.lower(), failed
         assert proc.json_events("ready") == [], proc.said()
         assert await proc.stop() == 0, proc.said()
-        assert password not in proc.said()
+        assert password not in proc.everything()

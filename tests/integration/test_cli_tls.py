@@ -10,8 +10,7 @@ import subprocess
 import sys
 from typing import Any
 
-from ._cli_process import CliProcess
-from .test_agent_tls import tls_options
+from ._cli_process import CliProcess, etcd_tls_options
 
 CLI = [sys.executable, "-m", "etcdisco"]
 
@@ -35,7 +34,7 @@ def listed(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
 
 async def test_register_list_watch_over_mutual_tls(etcd_tls) -> None:
     member, files = etcd_tls
-    common = ["--endpoints", member.endpoint, *tls_options(files), "--timeout", "2", "--json"]
+    common = ["--endpoints", member.endpoint, *etcd_tls_options(files), "--timeout", "2", "--json"]
     watcher = await CliProcess.start(*common, "watch", "web")
     reg = await CliProcess.start(*common, "register", "web", "127.0.0.1:7301", "--ttl", "3")
     try:
@@ -53,7 +52,7 @@ async def test_register_list_watch_over_mutual_tls(etcd_tls) -> None:
 
 async def test_list_without_client_certificate_names_the_cause(etcd_tls) -> None:
     member, files = etcd_tls
-    options = tls_options(files, client_cert=False)
+    options = etcd_tls_options(files, client_cert=False)
     result = await run("--endpoints", member.endpoint, *options, "--timeout", "2", "list")
     assert result.returncode != 0
     assert "client certificate" in result.stderr, result.stderr

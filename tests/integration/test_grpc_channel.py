@@ -9,8 +9,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -25,15 +24,6 @@ from ..grpc_echo import echo_pb2, echo_pb2_grpc
 from ..grpc_echo.fleet import Fleet
 
 Say = echo_pb2.SayRequest
-
-
-@pytest.fixture
-def fleet(etcd, tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(etcd.endpoint, tmp_path)
-    try:
-        yield f
-    finally:
-        f.close()
 
 
 def _addresses(ch: etcdisco.grpc.BalancingChannel | etcdisco.grpc.AioBalancingChannel) -> set[str]:
@@ -281,6 +271,19 @@ def _dead_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class _DeadFirst(etcdisco.RoundRobin):
+    """Round robin, but the dead instance whenever it is offered: a first attempt
+    that lands elsewhere would leave nothing to retry."""
+
+    def __init__(self, dead: str) -> None:
+        super().__init__()
+        self.dead = dead
+
+    def pick(self, instances: Any, key: str | None = None) -> Any:
+        found = [i for i in instances if i.address == self.dead]
+        return found[0] if found else super().pick(instances, key)
+
+
 async def test_calls_that_never_left_are_retried_even_when_not_idempotent(
     etcd, fleet: Fleet
 ) -> None:
@@ -289,11 +292,13 @@ async def test_calls_that_never_left_are_retried_even_when_not_idempotent(
     async with etcdisco.AsyncClient(etcd.endpoint) as client:
         reg = await client.register("echo", dead, ttl=5)
         detector = OutlierDetector(consecutive_failures=1)
-        async with etcdisco.grpc.aio_channel(client, "echo", outlier=detector) as ch:
+        picker = _DeadFirst(dead)
+        async with etcdisco.grpc.aio_channel(client, "echo", policy=picker, outlier=detector) as ch:
             assert dead in _addresses(ch)
             stub = echo_pb2_grpc.EchoStub(ch)
             replies = [await stub.Say(Say(text=str(i)), timeout=5) for i in range(20)]
             assert {r.server for r in replies} == {"s1"}
+            assert ch.pool.retries >= 1, "no call was placed on the dead instance first"
         await reg.deregister()
 
 

@@ -8,8 +8,7 @@ import contextlib
 import ipaddress
 import signal
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -27,15 +26,6 @@ from ..grpc_echo.server import AioEcho, SyncEcho
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 NAMES = ("", "echo", "etcdisco.test.Echo")
-
-
-@pytest.fixture
-def fleet(etcd, tmp_path: Path) -> Iterator[Fleet]:
-    f = Fleet(etcd.endpoint, tmp_path)
-    try:
-        yield f
-    finally:
-        f.close()
 
 
 async def _health(address: str, names: tuple[str, ...] = NAMES) -> dict[str, int]:

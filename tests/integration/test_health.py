@@ -395,8 +395,13 @@ async def test_draining_outranks_a_check(etcd, tcp_target: TcpTarget) -> None:
     async with AsyncClient(etcd.endpoint) as c:
         reg = await c.register("db", tcp_target.address, ttl=5, checks=[TcpCheck(**FAST)])
         await reg.drain()
+        drained_at = reg.revision
         await tcp_target.close()
         await eventually(lambda: reg.health is CheckResult.FAILING, 5, "never failed")
+        # While failing: the verdict is written, and what etcd holds still says draining.
+        await eventually(lambda: reg.revision > drained_at, 5, "failing verdict never written")
+        (inst,) = await c.list_instances("db")
+        assert inst.status is Status.DRAINING
         await tcp_target.open()
         await eventually(lambda: reg.health is CheckResult.PASSING, 5, "never passed")
         (inst,) = await c.list_instances("db")

@@ -8,12 +8,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import click
 import pytest
 from click.testing import CliRunner
 
-from etcdisco import AsyncClient, Client, RegistrationState
+from etcdisco import AsyncClient, CacheState, Client, RegistrationState
 from etcdisco.cli import cli
 from etcdisco.etcd import EtcdConfig
 
@@ -135,11 +136,22 @@ async def test_token_never_logged(etcd_auth, caplog: pytest.LogCaptureFixture) -
         await cache.wait_ready(5)
         first = client.etcd.connection._token
         assert first
+        keeper = client._keepers[reg.ttl]
+        cache_states: list[CacheState] = []
+        cache.add_state_listener(cache_states.append)
         # A restart invalidates every simple token: the re-authentication paths log.
         member.restart()
+        restarted = time.monotonic()
         await client.list_instances()
+        # Wait for each stream to come back through a new token, not just for "now".
         await eventually(
-            lambda: reg.state is RegistrationState.REGISTERED, 15, "registration not healthy"
+            lambda: keeper.last_ack > restarted, 15, "no keepalive answered after the restart"
+        )
+        assert reg.state is RegistrationState.REGISTERED, "registration not healthy"
+        await eventually(
+            lambda: cache_states[-1:] == [CacheState.SYNCED],
+            15,
+            f"watch never came back after the restart: {cache_states}",
         )
         second = client.etcd.connection._token
         assert second and second != first

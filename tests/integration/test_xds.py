@@ -36,7 +36,7 @@ from etcdisco._model import encode_value, instance_key
 from etcdisco.grpc.xds import ServicePolicy, XdsServer, bootstrap_config
 from etcdisco.grpc.xds._protos import CLUSTER, ENDPOINT, LISTENER
 
-from .._util import eventually, wait_event
+from .._util import communicate, eventually, wait_event
 
 LDS, CDS, EDS = LISTENER, CLUSTER, ENDPOINT
 
@@ -272,17 +272,15 @@ async def test_draining_instance_stops_receiving_calls(client: AsyncClient, xds:
             await regs[0].drain()
             drained = await waiting
             after = await caller.run(op="call", n=40)
-            # Removal (deregistration) is as quick; measured, not asserted.
             waiting = asyncio.ensure_future(caller.run(op="until", want="b1", present=False))
             removed = time.time()
             await regs[1].deregister()
             gone = await waiting
     assert drained["at"] is not None and drained["n_errors"] == 0, drained
     assert after["n_errors"] == 0 and "b0" not in after["counts"], after
-    assert gone["n_errors"] == 0, gone
+    assert gone["at"] is not None and gone["n_errors"] == 0, gone
     report("drain -> last call to the draining instance", drained["at"] - changed)
-    if gone["at"] is not None:
-        report("deregister -> last call to the removed instance", gone["at"] - removed)
+    report("deregister -> last call to the removed instance", gone["at"] - removed)
 
 
 # A backend in a process of its own, to be killed (SIGKILL) with a call in flight: it
@@ -447,8 +445,13 @@ async def test_cli_server_and_printed_bootstrap(
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(10):
-            code = await proc.wait()
+        try:
+            async with asyncio.timeout(10):
+                code = await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
     assert code == 0, (await proc.stderr.read()).decode() if proc.stderr else code
 
 
@@ -495,8 +498,7 @@ async def test_embedded_control_plane(etcd: Any, client: AsyncClient, script: st
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        async with asyncio.timeout(30):
-            out, err = await proc.communicate()
+        out, err = await communicate(proc, 30)
     assert proc.returncode == 0, err.decode()
     assert out.decode().startswith("['b0', 'b1'] 127.0.0.1:"), out.decode()
 

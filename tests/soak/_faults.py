@@ -189,7 +189,14 @@ class FaultInjector:
         if restored is not None:
             record.facts["restore_s"] = restored
         after = await watcher.request("snapshot", 10.0)
-        record.facts["relisted"] = float(after["resyncs"] > before["resyncs"])
+        relisted = after["resyncs"] > before["resyncs"]
+        record.facts["relisted"] = float(relisted)
+        if member is not None:
+            # Its stream died with the member, and history before the compaction is
+            # gone: the watcher can only have caught up by listing again.
+            ctx.ledger.check(
+                "relist", [] if relisted else [f"{watcher.name} caught up without a re-list"]
+            )
 
     # -- 5. an instance process crashes and is restarted ----------------------------------
 

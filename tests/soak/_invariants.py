@@ -27,6 +27,7 @@ INVARIANTS = {
     "caches_follow": "sampled: every cache equals etcd, no difference lasting over the bound",
     "vanish": "a crashed instance process's keys leave etcd within ttl + bound",
     "restore": "a deleted instance key is put back (checked by the convergence after it)",
+    "relist": "a watcher left behind across a compaction catches up by listing again",
     "leaks": "per child: fds, threads, asyncio tasks at the end within slack of the baseline",
     "watch_streams": "etcd's open watch streams/watchers at the end: no more than clients need",
     "leases": "leases at the end: no more than the live instance processes hold",

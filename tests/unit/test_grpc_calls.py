@@ -18,20 +18,11 @@ from etcdisco.grpc._options import settings
 from etcdisco.grpc._pool import Pool, SubChannel
 from etcdisco.outlier import OutlierDetector
 
+from ._factories import inst
+
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 NEVER_SENT = "failed to connect to all addresses; last error: ..."
 METHOD = "/etcdisco.test.Echo/Say"
-
-
-def inst(n: int) -> Instance:
-    return Instance(
-        service="echo",
-        id=f"i{n}",
-        address=f"10.0.0.{n}:80",
-        metadata={},
-        key=f"services/echo/i{n}",
-        revision=n,
-    )
 
 
 class Failure(grpc.RpcError):

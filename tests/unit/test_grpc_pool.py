@@ -8,25 +8,14 @@ from typing import Any
 import grpc
 import pytest
 
-from etcdisco import ConfigError, Instance, make_picker
+from etcdisco import ConfigError, make_picker
 from etcdisco.grpc._options import never_sent, settings
 from etcdisco.grpc._pool import Pool, SubChannel, aggregate
 from etcdisco.outlier import OutlierDetector
 
+from ._factories import inst
+
 C = grpc.ChannelConnectivity
-
-
-def inst(
-    n: int, *, status: str = "up", address: str | None = None, service: str = "echo"
-) -> Instance:
-    return Instance(
-        service=service,
-        id=f"i{n}",
-        address=address or f"10.0.0.{n}:80",
-        metadata={"status": status},
-        key=f"services/{service}/i{n}",
-        revision=n,
-    )
 
 
 class FakeTransport:

@@ -7,10 +7,12 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from etcdisco import AsyncClient, Instance, make_picker
+from etcdisco import AsyncClient, make_picker
 from etcdisco.grpc._pool import Pool, SubChannel
 from etcdisco.metrics import EtcdiscoCollector
 from etcdisco.outlier import OutlierDetector
+
+from ._factories import inst
 
 Labels = frozenset[tuple[str, str]]
 
@@ -25,17 +27,6 @@ def scrape(*objects: object) -> dict[tuple[str, Labels], float]:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
-
-
-def inst(n: int) -> Instance:
-    return Instance(
-        service="echo",
-        id=f"i{n}",
-        address=f"10.0.0.{n}:80",
-        metadata={},
-        key=f"services/echo/i{n}",
-        revision=n,
-    )
 
 
 class Transport:
