@@ -104,11 +104,16 @@ class CliProcess:
         result: str = await self.wait_for(first, timeout, f"{text!r} on {where}")
         return result
 
-    async def event(self, name: str, timeout: float = 15) -> dict[str, Any]:
-        """The first ``--json`` line ``{"event": name, ...}``."""
-        events = await self.wait_for(lambda: self.json_events(name), timeout, f"event {name!r}")
-        first: dict[str, Any] = events[0]
-        return first
+    async def event(self, name: str, timeout: float = 15, *, count: int = 1) -> dict[str, Any]:
+        """The ``count``-th ``--json`` line ``{"event": name, ...}``."""
+
+        def seen() -> list[dict[str, Any]] | None:
+            events = self.json_events(name)
+            return events if len(events) >= count else None
+
+        events = await self.wait_for(seen, timeout, f"event {name!r} (#{count})")
+        found: dict[str, Any] = events[count - 1]
+        return found
 
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         """Signal the process and wait for its exit status (kill after ``timeout``)."""

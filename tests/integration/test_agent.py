@@ -8,10 +8,9 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,70 +20,28 @@ from etcdisco import AsyncClient, Status
 
 from .._proxy import TcpProxy
 from .._util import eventually
+from ._cli_process import CliProcess
 
 CLI = [sys.executable, "-m", "etcdisco"]
 
 
-class AgentProcess:
-    """An ``etcdisco --json agent`` (or other long-running command) subprocess whose
-    JSON lines are collected."""
-
-    def __init__(
-        self, endpoint: str, *args: str, timeout: float = 5.0, command: str = "agent"
-    ) -> None:
-        self.proc = subprocess.Popen(
-            [*CLI, "--endpoints", endpoint, "--timeout", str(timeout), "--json", command, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[dict[str, Any]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(json.loads(line))
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [line for line in self.lines if line.get("event") == name]
-
-    async def wait(self, name: str, count: int = 1, timeout: float = 15) -> dict[str, Any]:
-        def seen() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"agent exited {self.proc.returncode}: {self.stderr()}")
-            return len(self.events(name)) >= count
-
-        await eventually(seen, timeout, f"agent never printed {name!r}: {self.lines}")
-        return self.events(name)[count - 1]
-
-    def stderr(self) -> str:
-        if self.proc.poll() is None:
-            return "(running)"
-        return self.proc.stderr.read() if self.proc.stderr else ""
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(15)
-        self._reader.join(5)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate(timeout=10)
+async def launch(
+    endpoint: str, *args: str, timeout: float = 5.0, command: str = "agent"
+) -> CliProcess:
+    """``etcdisco --json COMMAND ...`` (the agent by default) against ``endpoint``."""
+    return await CliProcess.start(
+        "--endpoints", endpoint, "--timeout", str(timeout), "--json", command, *args
+    )
 
 
 @pytest.fixture
-def agents() -> Iterator[list[AgentProcess]]:
-    started: list[AgentProcess] = []
+async def agents() -> AsyncIterator[list[CliProcess]]:
+    started: list[CliProcess] = []
     try:
         yield started
     finally:
         for agent in started:
-            agent.kill()
+            await agent.kill()
 
 
 @pytest.fixture
@@ -142,13 +99,13 @@ async def test_agent_registers_reloads_only_changes_and_deregisters(
     path = tmp_path / "agent.yaml"
     path.write_text(config(port_of(listener), reloaded=False))
     ready_file = tmp_path / "ready"
-    agent = AgentProcess(
+    agent = await launch(
         etcd.endpoint, "--config", str(path), "--ready-file", str(ready_file),
         "--health-listen", "127.0.0.1:0",
     )  # fmt: skip
     agents.append(agent)
-    port = (await agent.wait("listening"))["port"]
-    await agent.wait("ready")
+    port = (await agent.event("listening"))["port"]
+    await agent.event("ready")
     assert ready_file.exists()
     status, body = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/ready")
     assert status == 200 and body["ready"] is True
@@ -170,12 +127,12 @@ async def test_agent_registers_reloads_only_changes_and_deregisters(
         # A broken edit is refused and changes nothing.
         path.write_text("services:\n  - {name: x}\n")
         agent.proc.send_signal(signal.SIGHUP)
-        failed = await agent.wait("reload-failed")
+        failed = await agent.event("reload-failed")
         assert "agent.yaml:2: services[0]: missing field 'address'" in failed["error"]
 
         path.write_text(config(port_of(listener), reloaded=True))
         agent.proc.send_signal(signal.SIGHUP)
-        reloaded = await agent.wait("reloaded")
+        reloaded = await agent.event("reloaded")
         assert reloaded["changes"] == "1 added, 1 removed, 1 updated, 1 replaced, 1 unchanged"
 
         async def settled() -> bool:
@@ -197,10 +154,10 @@ async def test_agent_registers_reloads_only_changes_and_deregisters(
         info = await c.etcd.lease_time_to_live(after["services/ttl/127.0.0.1:7004"].lease)
         assert info.granted_ttl == 4
 
-        assert agent.stop() == 0
+        assert await agent.stop() == 0
         assert await kvs(c) == {}, "SIGTERM must remove every key of the agent"
         assert not ready_file.exists()
-        assert agent.events("deregistered")[0]["count"] == 4
+        assert agent.json_events("deregistered")[0]["count"] == 4
 
 
 async def test_agent_check_marks_unhealthy(etcd, agents, listener, tmp_path: Path) -> None:
@@ -210,9 +167,9 @@ async def test_agent_check_marks_unhealthy(etcd, agents, listener, tmp_path: Pat
         f'[[services]]\nname = "db"\naddress = "{address}"\nttl = 3\n'
         'checks = [{ tcp = "", interval = 0.1, fall = 1, rise = 1 }]\n'
     )
-    agent = AgentProcess(etcd.endpoint, "--config", str(path))
+    agent = await launch(etcd.endpoint, "--config", str(path))
     agents.append(agent)
-    await agent.wait("ready")
+    await agent.event("ready")
     async with AsyncClient(etcd.endpoint) as c:
 
         async def status() -> Status:
@@ -223,7 +180,7 @@ async def test_agent_check_marks_unhealthy(etcd, agents, listener, tmp_path: Pat
         listener.close()
         await listener.wait_closed()
         await eventually(lambda: status_is(status, Status.UNHEALTHY), 5, "never unhealthy")
-        assert agent.stop() == 0
+        assert await agent.stop() == 0
 
 
 async def status_is(read: Any, wanted: Status) -> bool:
@@ -236,22 +193,22 @@ async def test_agent_readiness_follows_etcd(etcd, agents, tmp_path: Path) -> Non
         path = tmp_path / "agent.yaml"
         path.write_text("services:\n  - {name: web, address: 127.0.0.1:7100, ttl: 2}\n")
         ready_file = tmp_path / "ready"
-        agent = AgentProcess(
+        agent = await launch(
             proxy.endpoint, "--config", str(path),
             "--ready-file", str(ready_file), "--health-listen", "127.0.0.1:0", timeout=1,
         )  # fmt: skip
         agents.append(agent)
-        port = (await agent.wait("listening"))["port"]
-        await agent.wait("ready")
+        port = (await agent.event("listening"))["port"]
+        await agent.event("ready")
         proxy.cut()
-        await agent.wait("not-ready", timeout=10)
+        await agent.event("not-ready", 10)
         assert not ready_file.exists()
         status, body = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/ready")
         assert status == 503 and body["registrations"][0]["state"] != "registered"
         proxy.heal()
-        await agent.wait("ready", count=2, timeout=15)
+        await agent.event("ready", 15, count=2)
         assert ready_file.exists()
-        assert agent.stop() == 0
+        assert await agent.stop() == 0
     finally:
         proxy.close()
 
@@ -300,12 +257,12 @@ async def test_register_with_check_marks_unhealthy_then_deregisters(etcd, listen
 
 async def test_register_readiness_follows_the_lease(etcd, agents, tmp_path: Path) -> None:
     ready_file = tmp_path / "ready"
-    reg = AgentProcess(
+    reg = await launch(
         etcd.endpoint, "db", "127.0.0.1:7100", "--ttl", "2", "--ready-file", str(ready_file),
         "--health-listen", "127.0.0.1:0", timeout=1.0, command="register",
     )  # fmt: skip
     agents.append(reg)
-    port = (await reg.wait("listening"))["port"]
+    port = (await reg.event("listening"))["port"]
     url = f"http://127.0.0.1:{port}/ready"
 
     def ready_is(expected: bool) -> bool:
@@ -324,5 +281,5 @@ async def test_register_readiness_follows_the_lease(etcd, agents, tmp_path: Path
         etcd.resume()
     await eventually(lambda: ready_is(True), 15, "not ready again after etcd came back")
 
-    assert reg.stop() == 0
+    assert await reg.stop() == 0
     assert not ready_file.exists()
