@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/run_all.py [--quick] [--out PATH]
 
-Runs propagation.py, scale.py, bench_pickers.py, bench_health.py and bench_grpc.py,
-each in a process of its own (with --quick when quick, and --out a temporary file),
-then writes one file:
-a header (date, machine, Python, etcd, load, the command), every script's section in
-order, and the project's goals with the measured values. A script that fails or is
+Runs propagation.py, scale.py, bench_pickers.py, bench_health.py, bench_stalls.py and
+bench_grpc.py, each in a process of its own (with --quick when quick, and --out a
+temporary file), then writes one file: a header (date, machine, Python, etcd, load,
+the command), every script's section in order, and the project's goals with the
+measured values. A script that fails or is
 missing is reported in the file and makes the exit status 1; the others still run.
 
 --out defaults to benchmarks/RESULTS.md for a full run. A quick run (a smoke test, as in
@@ -43,6 +43,7 @@ SCRIPTS = (
     "scale.py",
     "bench_pickers.py",
     "bench_health.py",
+    "bench_stalls.py",
     "bench_grpc.py",
 )
 METRICS = re.compile(r"<!-- etcdisco-metrics (.*?) -->")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The full check, as CI runs it: setup, lint, type check, tests, soaks under faults
-# (tests/soak: 2 minutes on the newest etcd, 1 on 3.4) and a quick run of every benchmark.
+# (tests/soak: 2 minutes on the newest etcd, 1 on 3.4, 1 with auth on) and a quick run
+# of every benchmark.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k etcd3.5 -x).
 # Every step runs even when an earlier one fails, so one run shows every problem;
 # the exit status is non-zero if any step failed.
@@ -28,6 +29,7 @@ step pytest .venv/bin/pytest -q -p no:cacheprovider "$@"
 if [ "$#" -eq 0 ]; then
     step soak .venv/bin/python -m tests.soak --duration 120
     step soak-etcd3.4 .venv/bin/python -m tests.soak --duration 60 --etcd 3.4
+    step soak-auth .venv/bin/python -m tests.soak --duration 60 --auth
     step benchmarks-quick .venv/bin/python benchmarks/run_all.py --quick \
         --out "${TMPDIR:-/tmp}/etcdisco-bench-quick.md"
 fi

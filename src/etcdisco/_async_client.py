@@ -8,7 +8,7 @@ import os
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
-from ._errors import ClosedError, MalformedValueError
+from ._errors import ClosedError, ConfigError, MalformedValueError
 from ._expiry import DEFAULT_EXPIRY_PROTECTION, ExpiryProtection
 from ._model import (
     DEFAULT_PREFIX,
@@ -21,7 +21,13 @@ from ._model import (
 from .discovery import PrefixWatcher, ServiceCache
 from .etcd import EtcdClient, EtcdConfig, TlsConfig, parse_endpoints
 from .health import Check
-from .registry import LeaseKeeper, Registration, make_registration, validate_ttl
+from .registry import (
+    LeaseKeeper,
+    Registration,
+    RegistrationState,
+    make_registration,
+    validate_ttl,
+)
 
 log = logging.getLogger("etcdisco")
 
@@ -98,6 +104,9 @@ class AsyncClient:
         self.etcd = etcd
         self._stream = etcd.keepalive_stream()
         self._keepers: dict[int, LeaseKeeper] = {}
+        # Keys of this client's open registrations, whatever their TTL (a key in two
+        # keepers would be two leases fighting over one key).
+        self._claims: dict[str, Registration] = {}
         self._watchers: dict[str, PrefixWatcher] = {}
         self._closed = False
 
@@ -140,10 +149,25 @@ class AsyncClient:
                 checks=checks,
                 on_failing=on_failing,
             )
-            await reg._open()
+            held = self._claims.get(reg.key)
+            if held is not None:
+                raise ConfigError(
+                    f"{reg.key} is already registered by this client (ttl {held.ttl}s)"
+                )
+            self._claims[reg.key] = reg
+            reg.add_listener(self._release_claim)
+            try:
+                await reg._open()
+            except BaseException:
+                self._release_claim(reg, RegistrationState.CLOSED)
+                raise
             return reg
 
         return _Opening(open_)
+
+    def _release_claim(self, reg: Registration, state: RegistrationState) -> None:
+        if state is RegistrationState.CLOSED and self._claims.get(reg.key) is reg:
+            del self._claims[reg.key]
 
     @property
     def registrations(self) -> tuple[Registration, ...]:

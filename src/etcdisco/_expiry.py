@@ -26,9 +26,10 @@ import dataclasses
 import logging
 import math
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NoReturn
 
 from ._errors import ConfigError
 from ._model import ChangeEvent, EventType, Instance, Status
@@ -81,17 +82,71 @@ class ExpiryProtection:
 DEFAULT_EXPIRY_PROTECTION = ExpiryProtection()
 
 
+class InstanceTable(dict[str, Instance]):
+    """A cache's instances by key, counting the live (not suspect) ones per service
+    as they come and go, so that judging one deletion never scans the whole table.
+
+    Only item assignment and ``del`` change it (the other mutators are refused, since
+    ``dict``'s own would bypass the counts)."""
+
+    def __init__(self, items: Mapping[str, Instance] | None = None) -> None:
+        super().__init__()
+        self._live: Counter[str] = Counter()
+        for key, inst in (items or {}).items():
+            self[key] = inst
+
+    def live(self, service: str) -> int:
+        """How many of ``service``'s instances are not suspects."""
+        return self._live[service]
+
+    def __setitem__(self, key: str, inst: Instance) -> None:
+        old = self.get(key)
+        if old is not None and not old.suspect:
+            self._uncount(old.service)
+        if not inst.suspect:
+            self._live[inst.service] += 1
+        super().__setitem__(key, inst)
+
+    def __delitem__(self, key: str) -> None:
+        old = self[key]
+        super().__delitem__(key)
+        if not old.suspect:
+            self._uncount(old.service)
+
+    def _uncount(self, service: str) -> None:
+        left = self._live[service] - 1
+        if left:
+            self._live[service] = left
+        else:
+            del self._live[service]
+
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("InstanceTable changes only by item assignment and del")
+
+    pop = popitem = clear = update = setdefault = __ior__ = _refuse
+
+
 class ExpiryGuard:
     """The bookkeeping of one prefix watcher: recent unannounced removals per
-    service, and the suspects held with their deadlines. Pure: no loop, no I/O."""
+    service, and the suspects held with their deadlines. Pure: no loop, no I/O.
+
+    Every operation costs O(1) per instance it touches: a mass expiry delivers
+    thousands of deletions at once, and a cache that scanned its table for each one
+    would block its event loop for seconds (and with it every keepalive sharing it).
+    """
 
     def __init__(
         self, config: ExpiryProtection, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.config = config
         self._clock = clock
-        self._recent: dict[str, deque[tuple[float, Instance]]] = {}
-        self._held: dict[str, tuple[Instance, float]] = {}  # key -> (suspect, deadline)
+        # Per service, the unannounced removals within the window, oldest first.
+        self._recent: dict[str, dict[str, tuple[float, Instance]]] = {}
+        self._recent_service: dict[str, str] = {}  # key -> service, for returned()
+        # key -> (suspect, deadline). The hold is the same for all, so insertion order
+        # is deadline order: the next deadline is the first entry.
+        self._held: dict[str, tuple[Instance, float]] = {}
+        self._held_per_service: Counter[str] = Counter()
         self.engagements = 0
 
     @property
@@ -99,13 +154,15 @@ class ExpiryGuard:
         return tuple(inst for inst, _ in self._held.values())
 
     def next_deadline(self) -> float | None:
-        return min((deadline for _, deadline in self._held.values()), default=None)
+        for _, deadline in self._held.values():
+            return deadline
+        return None
 
     def seconds_to_next(self) -> float | None:
         deadline = self.next_deadline()
         return None if deadline is None else max(0.0, deadline - self._clock())
 
-    def deleted(self, old: Instance, instances: dict[str, Instance]) -> list[ChangeEvent]:
+    def deleted(self, old: Instance, instances: InstanceTable) -> list[ChangeEvent]:
         """``old`` was deleted in etcd (and still sits in ``instances``): remove it,
         or hold it (and those that went shortly before it) as suspects."""
         del instances[old.key]
@@ -113,14 +170,21 @@ class ExpiryGuard:
             return [ChangeEvent(EventType.REMOVED, old)]  # announced: draining or unhealthy
         now = self._clock()
         service = old.service
-        if any(inst.service == service for inst, _ in self._held.values()):
+        if self._held_per_service[service]:
             # The episode goes on: later expiries of the same service join it.
             return [self._hold(old, instances, now, previous=old)]
-        recent = self._recent.setdefault(service, deque())
-        while recent and recent[0][0] < now - self.config.window:
-            recent.popleft()
-        recent.append((now, old))
-        live = sum(1 for i in instances.values() if i.service == service and not i.suspect)
+        recent = self._recent.setdefault(service, {})
+        cutoff = now - self.config.window
+        while recent:
+            key, (when, _) = next(iter(recent.items()))
+            if when >= cutoff:
+                break
+            del recent[key]
+            self._recent_service.pop(key, None)
+        recent.pop(old.key, None)  # re-insert at the end: the order stays by time
+        recent[old.key] = (now, old)
+        self._recent_service[old.key] = service
+        live = instances.live(service)
         lost = len(recent)
         if lost + live < self.config.min_instances or lost / (lost + live) <= self.config.threshold:
             return [ChangeEvent(EventType.REMOVED, old)]
@@ -134,39 +198,63 @@ class ExpiryGuard:
             self.config.window,
             self.config.hold,
         )
-        events = [self._hold(inst, instances, now, previous=None) for _, inst in list(recent)[:-1]]
+        del recent[old.key]
+        events = [self._hold(inst, instances, now, previous=None) for _, inst in recent.values()]
         events.append(self._hold(old, instances, now, previous=old))
-        recent.clear()
+        for key in recent:
+            self._recent_service.pop(key, None)
+        self._recent_service.pop(old.key, None)
+        del self._recent[service]
         return events
 
     def _hold(
-        self, inst: Instance, instances: dict[str, Instance], now: float, previous: Instance | None
+        self, inst: Instance, instances: InstanceTable, now: float, previous: Instance | None
     ) -> ChangeEvent:
         suspect = dataclasses.replace(inst, suspect=True)
         instances[inst.key] = suspect
+        if self._held.pop(inst.key, None) is None:
+            self._held_per_service[inst.service] += 1
         self._held[inst.key] = (suspect, now + self.config.hold)
         if previous is None:
             return ChangeEvent(EventType.ADDED, suspect)
         return ChangeEvent(EventType.UPDATED, suspect, previous)
 
+    def _release(self, key: str) -> Instance | None:
+        entry = self._held.pop(key, None)
+        if entry is None:
+            return None
+        service = entry[0].service
+        left = self._held_per_service[service] - 1
+        if left:
+            self._held_per_service[service] = left
+        else:
+            del self._held_per_service[service]
+        return entry[0]
+
     def returned(self, key: str) -> None:
         """``key`` is in etcd again: it no longer counts as lost or suspect."""
-        if self._held.pop(key, None) is not None:
+        if self._release(key) is not None:
             log.info("suspect %s is back", key)
-        for recent in self._recent.values():
-            for item in [item for item in recent if item[1].key == key]:
-                recent.remove(item)
+        service = self._recent_service.pop(key, None)
+        if service is not None:
+            recent = self._recent.get(service)
+            if recent is not None:
+                recent.pop(key, None)
+                if not recent:
+                    del self._recent[service]
 
-    def expire(self, instances: dict[str, Instance]) -> list[ChangeEvent]:
+    def expire(self, instances: InstanceTable) -> list[ChangeEvent]:
         """Remove the suspects whose hold is over."""
         now = self._clock()
         events: list[ChangeEvent] = []
-        for key, (suspect, deadline) in list(self._held.items()):
-            if deadline <= now:
-                del self._held[key]
-                if instances.get(key) is suspect:
-                    del instances[key]
-                    events.append(ChangeEvent(EventType.REMOVED, suspect))
+        while self._held:
+            key, (suspect, deadline) = next(iter(self._held.items()))
+            if deadline > now:
+                break
+            self._release(key)
+            if instances.get(key) is suspect:
+                del instances[key]
+                events.append(ChangeEvent(EventType.REMOVED, suspect))
         if events:
             log.warning(
                 "%d suspect instance(s) did not come back within %.0fs; removed",
@@ -175,7 +263,7 @@ class ExpiryGuard:
             )
         return events
 
-    def carry(self, fresh: dict[str, Instance]) -> None:
+    def carry(self, fresh: InstanceTable) -> None:
         """A re-list replaces the whole view: keep the suspects it does not contain,
         and forget the ones it shows alive again."""
         for key, (suspect, _) in list(self._held.items()):

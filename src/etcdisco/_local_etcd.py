@@ -11,6 +11,9 @@ Nothing here is used by the client library itself. It drives real ``etcd`` binar
         old.kill()
         cluster.wait_for_leader(exclude=old)
         old.restart()
+    with LocalEtcdCluster(3, peer_proxies=True) as cluster:
+        with cluster.partitioned(cluster.wait_for_leader()):
+            ...                               # the other two elect a new leader
 
 Every process started here is also killed at interpreter exit (atexit) and, where the
 ``setpriv`` tool allows it, when the starting process dies, so crashed test runs do not
@@ -19,6 +22,7 @@ leave servers behind.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import collections
 import contextlib
@@ -38,11 +42,11 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol, Self
+from typing import Any, Literal, Protocol, Self, TypeVar
 
 __all__ = [
     "DEFAULT_ELECTION_TIMEOUT_MS",
@@ -76,6 +80,7 @@ _BINARY_ENV = "ETCDISCO_ETCD"
 # Start attempts when a freshly picked port turns out to be taken by someone else.
 _PORT_ATTEMPTS = 3
 _LOG_TAIL_LINES = 40
+_T = TypeVar("_T")
 _NATIVE_MAGIC = (
     b"\x7fELF",  # Linux
     b"\xcf\xfa\xed\xfe",  # Mach-O 64-bit
@@ -454,6 +459,8 @@ class LocalEtcd:
         self.last_start_seconds: float | None = None
         # A LocalEtcdCluster sets these; alone, a member is a cluster of itself.
         self._initial_cluster: str | None = None
+        # Set by a LocalEtcdCluster with peer proxies: the port peers are told to use.
+        self._advertised_peer_port: int | None = None
         self._cluster_token = f"etcdisco-{secrets.token_hex(6)}"
         self._proc: subprocess.Popen[bytes] | None = None
         self._paused = False
@@ -485,7 +492,15 @@ class LocalEtcd:
 
     @property
     def peer_url(self) -> str:
+        """Where this member listens for its peers."""
         return f"http://{_HOST}:{self.peer_port}"
+
+    @property
+    def advertised_peer_url(self) -> str:
+        """What the other members dial: `peer_url`, or the port of the member's peer
+        proxy in a cluster made with ``peer_proxies=True``."""
+        port = self._advertised_peer_port
+        return self.peer_url if port is None else f"http://{_HOST}:{port}"
 
     @property
     def log_path(self) -> Path:
@@ -510,6 +525,7 @@ class LocalEtcd:
 
     def command(self) -> list[str]:
         """etcd's command line for this member."""
+        advertised = self.advertised_peer_url
         cmd = [
             str(self.binary),
             f"--name={self.name}",
@@ -517,8 +533,8 @@ class LocalEtcd:
             f"--listen-client-urls={self.url}",
             f"--advertise-client-urls={self.url}",
             f"--listen-peer-urls={self.peer_url}",
-            f"--initial-advertise-peer-urls={self.peer_url}",
-            f"--initial-cluster={self._initial_cluster or f'{self.name}={self.peer_url}'}",
+            f"--initial-advertise-peer-urls={advertised}",
+            f"--initial-cluster={self._initial_cluster or f'{self.name}={advertised}'}",
             f"--initial-cluster-token={self._cluster_token}",
             # Ignored by etcd once the data dir holds a member, so restarts rejoin.
             "--initial-cluster-state=new",
@@ -692,6 +708,11 @@ class LocalEtcd:
             self._member_id = str(self.status()["header"]["member_id"])
         return self._member_id
 
+    @property
+    def member_id_hex(self) -> str:
+        """The member id as etcd writes it in logs, etcdctl tables and peer headers."""
+        return format(int(self.member_id), "x")
+
     def log_tail(self, lines: int = _LOG_TAIL_LINES, *, since_start: bool = False) -> str:
         """The last lines of etcd's log (only this run's when ``since_start``)."""
         try:
@@ -864,6 +885,214 @@ def _enable_auth(etcdctl: _Etcdctl, password: str) -> Credentials:
     return Credentials("root", password)
 
 
+# --------------------------------------------------------------------------- peer proxies
+
+# etcd's rafthttp names the sending member, as hex (types.ID.String()), in this header
+# on every raft request: the stream GETs (/raft/stream/...), the pipeline POSTs (/raft)
+# and snapshots. Go canonicalises the header name, so the exact bytes are known.
+_SENDER_HEADER = b"\r\nX-Server-From: "
+_HEAD_LIMIT = 64 * 1024
+# How long the proxy waits for the first request head of a new connection.
+_HEAD_TIMEOUT = 10.0
+
+
+class _PeerConnection:
+    """One TCP connection through a peer proxy: which proxy took it, and every member
+    seen sending on it (Go's HTTP client reuses connections: the header can come with
+    a later request than the first)."""
+
+    def __init__(self, proxy: int) -> None:
+        self.proxy = proxy
+        self.senders: set[str] = set()
+        self.transports: list[asyncio.WriteTransport] = []
+        self._carry = b""
+
+    def scan(self, chunk: bytes) -> bool:
+        """Note the senders named in ``chunk``; True when a complete header was seen.
+        A header split across reads is found by scanning the previous read's tail
+        along with this one."""
+        data = self._carry + chunk
+        found = False
+        start = 0
+        while (at := data.find(_SENDER_HEADER, start)) >= 0:
+            end = data.find(b"\r\n", at + len(_SENDER_HEADER))
+            if end < 0:
+                self._carry = data[at:]
+                return found
+            self.senders.add(data[at + len(_SENDER_HEADER) : end].decode("ascii", "replace"))
+            found = True
+            start = end
+        self._carry = data[-(len(_SENDER_HEADER) + 20) :]
+        return found
+
+    def abort(self) -> None:
+        for transport in self.transports:
+            transport.abort()
+
+
+class _PeerProxies:
+    """A TCP proxy in front of each member's peer port, all on one asyncio loop on a
+    thread of its own, so that a member can be cut off from its peers while its
+    clients still reach it (see `LocalEtcdCluster.partition`).
+
+    Member i advertises proxy i's port; the proxy forwards to the member's real peer
+    port. Cutting member X off means: refuse (accept and close at once) every
+    connection arriving at X's proxy, and every connection at the other proxies on
+    which X's id appears in ``X-Server-From``. Connections that never carry the header
+    (etcd's version probes, the raft prober, lease renewals a follower forwards to its
+    leader) may pass at the other proxies: they move no raft messages, and a cut-off
+    member loses its leader within an election timeout, after which it forwards no
+    lease renewals either.
+    """
+
+    def __init__(self, count: int) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="etcd-peer-proxies", daemon=True
+        )
+        self._thread.start()
+        self._targets = [0] * count
+        self._cut: set[int] = set()
+        self._cut_ids: set[str] = set()
+        self._connections: set[_PeerConnection] = set()
+        # Only touched on the loop's thread; read through `senders`.
+        self.senders_seen: set[str] = set()
+        self._servers: list[asyncio.Server] = []
+        try:
+            self.ports = [self._call(self._listen(i)) for i in range(count)]
+        except BaseException:
+            self.close()
+            raise
+
+    def _call(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10.0)
+
+    async def _listen(self, index: int) -> int:
+        server = await asyncio.start_server(
+            lambda r, w: self._handle(index, r, w), _HOST, 0, limit=_HEAD_LIMIT
+        )
+        self._servers.append(server)
+        port: int = server.sockets[0].getsockname()[1]
+        return port
+
+    def set_target(self, index: int, port: int) -> None:
+        self._targets[index] = port
+
+    def _refused(self, conn: _PeerConnection) -> bool:
+        return conn.proxy in self._cut or bool(conn.senders & self._cut_ids)
+
+    async def _handle(
+        self, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        conn = _PeerConnection(index)
+        conn.transports.append(writer.transport)
+        try:
+            upstream = await self._open(conn, reader)
+            if upstream is None:
+                return
+            up_reader, up_writer, head = upstream
+            conn.transports.append(up_writer.transport)
+            self._connections.add(conn)
+            up_writer.write(head)
+            await asyncio.gather(
+                self._pump(conn, reader, up_writer, scan=True),
+                self._pump(conn, up_reader, writer, scan=False),
+            )
+        finally:
+            self._connections.discard(conn)
+            conn.abort()
+
+    async def _open(
+        self, conn: _PeerConnection, reader: asyncio.StreamReader
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes] | None:
+        """Read the first request head and connect upstream, unless refused."""
+        if conn.proxy in self._cut:
+            return None
+        try:
+            # Go's HTTP client writes its request as soon as it is connected, so the
+            # first head is there to read before anything goes upstream.
+            async with asyncio.timeout(_HEAD_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return None
+        conn.scan(head)
+        self.senders_seen |= conn.senders
+        if self._refused(conn):
+            return None
+        try:
+            up_reader, up_writer = await asyncio.open_connection(_HOST, self._targets[conn.proxy])
+        except OSError:
+            return None
+        # A cut made while connecting did not see this connection yet.
+        if self._refused(conn):
+            up_writer.transport.abort()
+            return None
+        return up_reader, up_writer, head
+
+    async def _pump(
+        self,
+        conn: _PeerConnection,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        *,
+        scan: bool,
+    ) -> None:
+        with contextlib.suppress(OSError, RuntimeError):
+            while chunk := await src.read(65536):
+                if scan and conn.scan(chunk):
+                    self.senders_seen |= conn.senders
+                    if self._refused(conn):
+                        conn.abort()
+                        return
+                dst.write(chunk)
+                await dst.drain()
+        # One side ended: end the other too (a half-open peer connection helps nobody).
+        conn.abort()
+
+    def senders(self) -> frozenset[str]:
+        async def copy() -> frozenset[str]:
+            return frozenset(self.senders_seen)
+
+        return self._call(copy())
+
+    def cut(self, index: int, member_id: str) -> None:
+        async def cut() -> None:
+            self._cut.add(index)
+            self._cut_ids.add(member_id)
+            for conn in list(self._connections):
+                # Connections with no sender seen yet may be the cut member's too.
+                if self._refused(conn) or not conn.senders:
+                    conn.abort()
+
+        self._call(cut())
+
+    def heal(self, index: int, member_id: str) -> None:
+        async def heal() -> None:
+            self._cut.discard(index)
+            self._cut_ids.discard(member_id)
+
+        self._call(heal())
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+
+        async def stop() -> None:
+            for server in self._servers:
+                server.close()
+            for conn in list(self._connections):
+                conn.abort()
+            for server in self._servers:
+                await server.wait_closed()
+
+        with contextlib.suppress(Exception):
+            self._call(stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5.0)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
 # --------------------------------------------------------------------------- a cluster
 
 
@@ -872,6 +1101,13 @@ class LocalEtcdCluster:
 
     Members are `LocalEtcd` objects: kill, pause or restart them one by one. A
     restarted member finds its data dir and rejoins.
+
+    With ``peer_proxies=True`` every member is reached by its peers through a small
+    TCP proxy in this process (loopback only, no privileges needed), which makes
+    network partitions possible: `partition` cuts one member off from its peers while
+    its clients still reach it (it loses its leader; the others keep or elect one),
+    `heal` lets it rejoin. Proxies outlive member restarts (a restarted member is
+    still reached through its proxy) and stop with `close`.
     """
 
     def __init__(
@@ -890,6 +1126,7 @@ class LocalEtcdCluster:
         extra_args: Sequence[str] = (),
         start_timeout: float = DEFAULT_START_TIMEOUT,
         name_prefix: str = "etcd",
+        peer_proxies: bool = False,
     ) -> None:
         if size < 1:
             raise ValueError("a cluster needs at least one member")
@@ -925,6 +1162,8 @@ class LocalEtcdCluster:
         for member in self.members:
             member._cluster_token = token
         self._ever_healthy = False
+        self._proxies = _PeerProxies(size) if peer_proxies else None
+        self._partitioned: set[int] = set()
         self._assign_ports()
         self.last_start_seconds: float | None = None
 
@@ -1004,6 +1243,8 @@ class LocalEtcdCluster:
 
     def close(self) -> None:
         self.stop()
+        if self._proxies is not None:
+            self._proxies.close()
         if self._owns_dir:
             _remove_temp_dir(self.base_dir)
 
@@ -1061,6 +1302,54 @@ class LocalEtcdCluster:
                 )
             time.sleep(0.05)
 
+    # ---- partitions (peer_proxies=True)
+
+    def partition(self, member: LocalEtcd) -> None:
+        """Cut ``member`` off from its peers; its clients still reach it.
+
+        Open peer connections to and from it are dropped and new ones refused until
+        `heal`. The member must have run once (its id is read from it, and cached).
+        """
+        proxies = self._require_proxies()
+        index = self._index(member)
+        proxies.cut(index, member.member_id_hex)
+        self._partitioned.add(index)
+
+    def heal(self, member: LocalEtcd) -> None:
+        """Let ``member`` reach its peers again after `partition`."""
+        proxies = self._require_proxies()
+        index = self._index(member)
+        proxies.heal(index, member.member_id_hex)
+        self._partitioned.discard(index)
+
+    @contextlib.contextmanager
+    def partitioned(self, member: LocalEtcd) -> Iterator[LocalEtcd]:
+        """``with cluster.partitioned(member): ...``: partition, then heal on exit."""
+        self.partition(member)
+        try:
+            yield member
+        finally:
+            self.heal(member)
+
+    def is_partitioned(self, member: LocalEtcd) -> bool:
+        return self._index(member) in self._partitioned
+
+    @property
+    def peer_senders_seen(self) -> frozenset[str]:
+        """Every member id (hex) the peer proxies saw in an ``X-Server-From`` header."""
+        return self._require_proxies().senders()
+
+    def _require_proxies(self) -> _PeerProxies:
+        if self._proxies is None:
+            raise LocalEtcdError("partitions need LocalEtcdCluster(..., peer_proxies=True)")
+        return self._proxies
+
+    def _index(self, member: LocalEtcd) -> int:
+        for index, candidate in enumerate(self.members):
+            if candidate is member:
+                return index
+        raise ValueError(f"{member!r} is not a member of this cluster")
+
     # ---- etcdctl and auth
 
     def etcdctl(
@@ -1098,7 +1387,10 @@ class LocalEtcdCluster:
         ports = _free_ports(2 * len(self.members))
         for i, member in enumerate(self.members):
             member._set_ports(ports[2 * i], ports[2 * i + 1])
-        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+            if self._proxies is not None:
+                self._proxies.set_target(i, member.peer_port)
+                member._advertised_peer_port = self._proxies.ports[i]
+        initial = ",".join(f"{m.name}={m.advertised_peer_url}" for m in self.members)
         for member in self.members:
             member._initial_cluster = initial
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import time
@@ -22,16 +23,31 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._backoff import Backoff
-from ._errors import ClosedError, CompactedError, EtcdError, EtcdTimeoutError, MalformedValueError
-from ._expiry import ExpiryGuard, ExpiryProtection
+from ._errors import (
+    AuthError,
+    ClosedError,
+    CompactedError,
+    EtcdError,
+    EtcdTimeoutError,
+    MalformedValueError,
+    UnavailableError,
+)
+from ._expiry import ExpiryGuard, ExpiryProtection, InstanceTable
 from ._model import ChangeEvent, EventType, Instance, decode_instance, diff, same_content
+from ._tasks import cancelling
 from .etcd import EtcdClient, KeyValue, Watch, WatchEventType
 
 log = logging.getLogger("etcdisco.discovery")
 
 # How often a quiet watch is asked to prove it is alive, and how long it may take.
-_PROGRESS_EVERY = 10.0
-_PROGRESS_TIMEOUT = 5.0
+# Together they bound how long a watch on a stalled member (alive, answering nothing)
+# can pass for synced: 8 s, well inside what a lease TTL of a few seconds tolerates.
+_PROGRESS_EVERY = 5.0
+_PROGRESS_TIMEOUT = 3.0
+# A watch or list refused for lack of permission is retried slowly: a fresh token
+# does not grant a permission, and a hot loop of re-authentication is what etcd
+# operators see as an attack (DESIGN.md section 5.8).
+_DENIED_BACKOFF = Backoff(initial=5.0, maximum=60.0)
 
 
 class CacheState(enum.StrEnum):
@@ -60,7 +76,7 @@ class PrefixWatcher:
         self.root = root  # the registry prefix, e.g. "services"
         self.key_prefix = key_prefix  # what is watched, e.g. "services/echo/"
         self._on_idle = on_idle
-        self.instances: dict[str, Instance] = {}
+        self.instances = InstanceTable()
         self._snapshot: tuple[Instance, ...] | None = None
         self._bad_keys: set[str] = set()
         self.revision = 0  # last revision fully applied
@@ -73,6 +89,8 @@ class PrefixWatcher:
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._backoff = Backoff(initial=0.1, maximum=5.0)
+        self._denied_backoff = dataclasses.replace(_DENIED_BACKOFF)
+        self._denials = 0  # AuthErrors in a row
         self._last_error: BaseException | None = None
         self._expiry = ExpiryGuard(expiry) if expiry is not None else None
         self._expiry_timer: asyncio.TimerHandle | None = None
@@ -99,6 +117,7 @@ class PrefixWatcher:
             await self.stop()
 
     async def stop(self) -> None:
+        """Stop following etcd and end every subscriber (their iterations end too)."""
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
             self._expiry_timer = None
@@ -108,6 +127,9 @@ class PrefixWatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._set_state(CacheState.CLOSED)
+        subscribers, self._subscribers = self._subscribers, []
+        for cache in subscribers:
+            cache._end()
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
@@ -170,7 +192,11 @@ class PrefixWatcher:
                     must_list = False
                 await self._follow()
             except asyncio.CancelledError:
-                raise
+                if cancelling():
+                    raise
+                # A stream cancelled under us is a broken watch, not a request to stop:
+                # ending here would leave the cache frozen while it says synced.
+                await self._retry_after(UnavailableError("watch stream was cancelled"))
             except CompactedError as exc:
                 # History we missed is gone: re-list and emit only what changed.
                 log.info(
@@ -178,24 +204,42 @@ class PrefixWatcher:
                 )
                 self.resyncs += 1
                 must_list = True
-            except (EtcdError, ClosedError) as exc:
+            except ClosedError as exc:
                 self._last_error = exc
-                if isinstance(exc, ClosedError):
-                    return
-                if self._ready.is_set():
-                    self._set_state(CacheState.STALE)
-                delay = self._backoff.next_delay()
-                log.debug("watch on %s broke (%s); retrying in %.2fs", self.key_prefix, exc, delay)
-                await asyncio.sleep(delay)
+                return
+            except EtcdError as exc:
+                await self._retry_after(exc)
             except Exception as exc:  # never let the follower die: it would go stale silently
-                self._last_error = exc
                 log.exception("watch loop on %s failed; restarting", self.key_prefix)
                 must_list = True
-                await asyncio.sleep(self._backoff.next_delay())
+                await self._retry_after(exc)
+
+    async def _retry_after(self, exc: BaseException) -> None:
+        self._last_error = exc
+        if self._ready.is_set():
+            self._set_state(CacheState.STALE)
+        if isinstance(exc, AuthError):
+            self._denials += 1
+        else:
+            self._denials = 0
+        if self._denials >= 2:
+            # Refused again with a fresh token: a missing permission, not a stale token.
+            delay = self._denied_backoff.next_delay()
+            if self._denials == 2:
+                log.warning(
+                    "etcd refuses to let this client read %s (%s); retrying every %.0fs at most",
+                    self.key_prefix,
+                    exc,
+                    self._denied_backoff.maximum,
+                )
+        else:
+            delay = self._backoff.next_delay()
+        log.debug("watch on %s broke (%s); retrying in %.2fs", self.key_prefix, exc, delay)
+        await asyncio.sleep(delay)
 
     async def _list(self) -> None:
         result = await self._etcd.get(self.key_prefix, prefix=True)
-        fresh: dict[str, Instance] = {}
+        fresh = InstanceTable()
         bad: set[str] = set()
         for kv in result.kvs:
             inst = self._decode(kv)
@@ -215,6 +259,8 @@ class PrefixWatcher:
     def _synced(self) -> None:
         self.last_sync = time.monotonic()
         self._backoff.reset()
+        self._denied_backoff.reset()
+        self._denials = 0
         self._last_error = None
         self._set_state(CacheState.SYNCED)
         self._ready.set()
@@ -252,7 +298,12 @@ class PrefixWatcher:
             await asyncio.sleep(_PROGRESS_TIMEOUT)
             if self.last_sync < asked:
                 log.warning("watch on %s gave no progress; reconnecting", self.key_prefix)
-                await watch.cancel()
+                watch.abandon(
+                    EtcdTimeoutError(
+                        f"watch on {self.key_prefix} gave no progress within "
+                        f"{_PROGRESS_TIMEOUT:.0f}s"
+                    )
+                )
                 return
 
     def _apply(self, events: tuple[Any, ...]) -> None:
@@ -385,6 +436,13 @@ class ServiceCache:
                 listener(events)
             except Exception:
                 log.exception("cache listener failed")
+
+    def _end(self) -> None:
+        """The watcher stopped under this cache (its client closed): end it too."""
+        if not self._closed:
+            self._closed = True
+            for q in self._queues:
+                q.put_nowait(None)
 
     def _state_changed(self, state: CacheState) -> None:
         for listener in list(self._state_listeners):

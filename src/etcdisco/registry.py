@@ -6,14 +6,29 @@ etcd one lease and one keepalive stream however many services it registers.
 
 The keeper's loop is the single place where registration states change:
 
-    REGISTERED --keepalive fails--> RECONNECTING --no ack for a TTL--> LOST
-        ^                                 |                              |
-        +------ keepalive answers --------+       re-grant + re-put <----+
+    REGISTERED --keepalive fails--> RECONNECTING --lease presumed expired--> LOST
+        ^                                 |                                    |
+        +------ keepalive answers --------+--------------<---------------------+
+        +------ re-grant + re-put <------ etcd says the lease is gone ---------+
     any --deregister()--> CLOSED
 
-A lost lease is re-granted and every key re-put, with capped exponential backoff and
-jitter, without ever giving up. Keys are only written with a live lease id, so etcd
-itself refuses a write whose lease has gone (no permanent keys, ever).
+A keepalive that gets no answer is retried at once on the next endpoint, with a short
+deadline, until the lease's own expiry (measured from when the last answered request
+was sent): a stalled member costs a second, not the lease. Past that expiry the
+registrations say ``lost``, and the keeper keeps asking about the same lease: etcd
+extends every lease when it elects a leader, so after a loss of quorum the lease
+usually lives on. A lease etcd reports gone is re-granted and every key re-put, with
+capped exponential backoff and jitter, without ever giving up. Keys are only written
+with a live lease id, so etcd itself refuses a write whose lease has gone (no
+permanent keys, ever).
+
+etcd is made to match what the registrations say, not merely told once: each round
+after a keepalive the keeper reads the keys bound to its lease and repairs the
+difference. A value that ``update()`` or ``drain()`` could not write is written; a key
+deleted from outside is put back; a key that ``deregister()`` could not delete (etcd
+unreachable) is deleted; and a key bound to the lease that no registration owns (a
+late write landing after its deregister) is deleted. So a write that failed during an
+outage is never the end of the story while a sibling keeps the shared lease alive.
 
 A registration given health checks owns a :class:`~etcdisco.health._guard.HealthGuard`:
 while its checks fail the value says ``status: unhealthy`` (or the key is withdrawn),
@@ -38,6 +53,7 @@ from ._errors import (
     EtcdTimeoutError,
     LeaseNotFoundError,
     RegistrationError,
+    UnavailableError,
 )
 from ._model import (
     Status,
@@ -47,6 +63,7 @@ from ._model import (
     validate_instance_id,
     validate_service_name,
 )
+from ._tasks import cancelling
 from .etcd import Compare, EtcdClient, KeepAliveStream, Op
 from .health import Check, CheckResult
 from .health._guard import HealthGuard, OnFailing, validate_checks
@@ -94,10 +111,13 @@ class Registration:
         self.key = instance_key(prefix, service, instance_id)
         self._metadata: dict[str, Any] = dict(metadata)
         self._failing = False  # checks say unhealthy: written as status "unhealthy"
+        self._draining = False  # drain() was called: written as status "draining"
         self._withdrawn = False  # key deleted on purpose while the lease lives on
         self._value = b""
         self._status: Any = None  # the status _value carries
+        self._written_value: bytes | None = None  # what etcd holds for us, as far as known
         self._written_status: Any = None  # the status of our latest write
+        self._held = False  # our key is bound to our live lease (or withdrawn on purpose)
         self._encode()
         self._state = RegistrationState.PENDING
         self._listeners: list[StateListener] = []
@@ -112,7 +132,22 @@ class Registration:
 
     @property
     def metadata(self) -> Mapping[str, Any]:
+        """The metadata given to ``register()`` or the latest ``update()``."""
         return MappingProxyType(self._metadata)
+
+    @property
+    def status(self) -> str | None:
+        """The status the value carries: ``draining`` after ``drain()``, ``unhealthy``
+        while checks fail, else whatever the metadata says (None: up)."""
+        status = self._status
+        return None if status is None else str(status)
+
+    @property
+    def in_sync(self) -> bool:
+        """Whether etcd is known to hold the current value. False after an
+        ``update()`` or ``drain()`` that could not reach etcd, until the keeper has
+        written it (each round after a keepalive, for as long as the client lives)."""
+        return self._withdrawn or self._written_value == self._value
 
     @property
     def value(self) -> bytes:
@@ -129,6 +164,12 @@ class Registration:
     @property
     def ttl(self) -> int:
         return self._keeper.ttl
+
+    @property
+    def last_keepalive(self) -> float:
+        """``time.monotonic()`` when etcd last granted or refreshed this
+        registration's lease (shared with its siblings of the same TTL)."""
+        return self._keeper.last_ack
 
     @property
     def health(self) -> CheckResult | None:
@@ -173,11 +214,21 @@ class Registration:
 
     def _encode(self) -> None:
         meta: Mapping[str, Any] = self._metadata
-        # A draining instance stays draining: leaving outranks being unwell.
-        if self._failing and meta.get("status") != Status.DRAINING.value:
+        # A draining instance stays draining, whatever a later update() says: the
+        # status belongs to the registration. Leaving also outranks being unwell.
+        if self._draining:
+            meta = {**meta, "status": Status.DRAINING.value}
+        elif self._failing and meta.get("status") != Status.DRAINING.value:
             meta = {**meta, "status": Status.UNHEALTHY.value}
         self._value = encode_value(self.address, meta)
         self._status = meta.get("status")
+
+    def _wrote(self, value: bytes, revision: int) -> None:
+        """etcd took ``value`` at ``revision`` (the value may be older than ours)."""
+        self._written_value = value
+        self.revision = revision
+        if value == self._value:
+            self._written_status = self._status
 
     def _leaving_announced(self) -> bool:
         """Whether etcd already tells clients not to count on this instance, so that
@@ -222,7 +273,12 @@ class Registration:
     # -- changes -------------------------------------------------------------------
 
     async def update(self, metadata: Mapping[str, Any]) -> None:
-        """Replace the metadata (kept across re-registrations)."""
+        """Replace the metadata (kept across re-registrations).
+
+        The new metadata is this registration's from now on, whatever happens to the
+        write: when etcd cannot be reached the call raises an :class:`EtcdError`, and
+        the keeper writes the value as soon as etcd answers again (see ``in_sync``).
+        A drained instance stays draining."""
         self._check_open()
         encode_value(self.address, metadata)  # validate before changing anything
         self._metadata = dict(metadata)
@@ -231,15 +287,25 @@ class Registration:
 
     async def drain(self, wait: float = 0.0) -> None:
         """Mark the instance ``draining`` so clients stop picking it; then wait
-        ``wait`` seconds for them to notice before the caller stops serving."""
+        ``wait`` seconds for them to notice before the caller stops serving.
+
+        Draining is for good: it survives ``update()`` and re-registration. Like
+        ``update()``, a write etcd did not take is retried in the background."""
         self._check_open()
-        await self.update({**self._metadata, "status": Status.DRAINING.value})
+        self._draining = True
+        self._encode()
+        await self._keeper.write(self)
         if wait > 0:
             await asyncio.sleep(wait)
 
     async def deregister(self, timeout: float = 5.0) -> None:
         """Mark the instance ``draining`` (unless it already is), delete the key, then
-        revoke the lease if no other registration uses it."""
+        revoke the lease if no other registration uses it.
+
+        The registration is closed whatever happens. When etcd cannot be reached the
+        call raises an :class:`EtcdError`, and the key is still removed: the keeper
+        deletes it once etcd answers (while sibling registrations keep the lease
+        alive), or it expires with the lease."""
         if self._state is RegistrationState.CLOSED:
             return
         try:
@@ -269,7 +335,12 @@ class Registration:
 
 
 class LeaseKeeper:
-    """Owns one lease and the task that keeps it alive and heals it."""
+    """Owns one lease and the task that keeps it alive, heals it, and makes etcd
+    match the registrations under it.
+
+    Every write of a key goes through ``self._lock``, so a deregistration can never
+    be overtaken by a heal or an update of the same key.
+    """
 
     def __init__(
         self,
@@ -286,11 +357,23 @@ class LeaseKeeper:
         self._registrations: dict[str, Registration] = {}
         # Attached, first write not done yet: the next lock holder writes them.
         self._unwritten: dict[str, Registration] = {}
+        # Deregistered keys etcd may still hold under the lease: deleted once it answers.
+        self._pending_deletes: set[str] = set()
+        # Deregistrations under way, so that close() can wait for them.
+        self._detaching: set[asyncio.Future[None]] = set()
         self._backoff = backoff or Backoff(initial=0.2, maximum=max(ttl / 2, 1.0))
+        # Between keepalive attempts that failed: the next one goes to the next
+        # endpoint, so it may follow at once; a little spacing spares a dead cluster.
+        self._retry = Backoff(initial=0.05, maximum=1.0)
+        self._interval = max(ttl / 3.0, 0.5)
+        # A keepalive answer normally takes milliseconds; waiting longer than this for
+        # one only eats into the TTL that a retry on another member needs.
+        self._attempt_timeout = max(min(self._interval / 2, 2.0), 0.5)
         self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
         self._lock = asyncio.Lock()  # serializes lease (re)creation and writes
         self._last_ack = 0.0
+        self._expires_at = 0.0  # when the lease runs out unless refreshed (our estimate)
+        self._next_round = 0.0
         self._abandoned: int | None = None
         self._closed = False
         self.last_keepalive_latency: float | None = None
@@ -313,6 +396,9 @@ class LeaseKeeper:
             raise ConfigError(f"{reg.key} is already registered by this client")
         self._registrations[reg.key] = reg
         self._unwritten[reg.key] = reg
+        # Registered again after a deregister that etcd has not confirmed yet: the key
+        # is this registration's now, and must not be deleted behind its back.
+        self._pending_deletes.discard(reg.key)
         try:
             async with self._lock:
                 # Whoever holds the lock writes every first write queued behind it in
@@ -330,11 +416,9 @@ class LeaseKeeper:
                         await self._put_batch(batch)
         except BaseException:
             self._unwritten.pop(reg.key, None)
-            self._registrations.pop(reg.key, None)
-            if not self._registrations and self.lease_id is not None:
-                # Nothing keeps this lease alive now: let the next attach start afresh.
-                self._lose_lease()
-                await self._revoke_abandoned()
+            if self._registrations.get(reg.key) is reg:
+                del self._registrations[reg.key]
+            await self._retire_if_idle()
             raise
         reg._set_state(RegistrationState.REGISTERED)
         self._ensure_task()
@@ -355,12 +439,15 @@ class LeaseKeeper:
         assert lease is not None
         todo = [reg for reg in batch if not reg._withdrawn]
         if todo:
-            ops = [Op.put(reg.key, reg.value, lease=lease) for reg in todo]
+            values = [reg.value for reg in todo]
+            ops = [
+                Op.put(reg.key, value, lease=lease) for reg, value in zip(todo, values, strict=True)
+            ]
             result = await self._etcd.txn([], ops)
-            for reg in todo:
-                reg.revision = result.revision
-                reg._written_status = reg._status
+            for reg, value in zip(todo, values, strict=True):
+                reg._wrote(value, result.revision)
         for reg in batch:
+            reg._held = True
             self._unwritten.pop(reg.key, None)
         # A member whose register() was cancelled while the txn ran must not stay
         # behind under a lease that lives on for the others.
@@ -372,9 +459,23 @@ class LeaseKeeper:
                     )
 
     async def write(self, reg: Registration) -> None:
+        """Write ``reg``'s current value if the key is still ours; a failure (or a
+        key not ours right now) is settled by the keeper's next round."""
         async with self._lock:
-            if self.lease_id is not None and reg.key in self._registrations:
-                await self._put(reg)
+            lease = self.lease_id
+            if self._registrations.get(reg.key) is not reg or reg._withdrawn:
+                return  # nothing to write now; restore() writes the current value
+            if lease is None:
+                # The re-registration under way writes the current value.
+                raise UnavailableError(
+                    f"{reg.key}: the lease is being re-granted; the value is written with it"
+                )
+            value = reg.value
+            result = await self._etcd.txn(
+                [Compare.lease(reg.key, "==", lease)], [Op.put(reg.key, value, lease=lease)]
+            )
+            if result.succeeded:
+                reg._wrote(value, result.revision)
 
     async def withdraw(self, reg: Registration) -> None:
         """Take ``reg``'s key out of etcd while the lease lives on (failing checks)."""
@@ -386,69 +487,115 @@ class LeaseKeeper:
             # Say "unhealthy" before deleting, so caches count the removal as announced
             # and never hold the instance as suspect (discovery's mass-expiry guard).
             owned = [Compare.lease(reg.key, "==", lease)]
-            await self._etcd.txn(owned, [Op.put(reg.key, reg.value, lease=lease)])
+            value = reg.value
+            result = await self._etcd.txn(owned, [Op.put(reg.key, value, lease=lease)])
+            if result.succeeded:
+                reg._wrote(value, result.revision)
             await self._etcd.txn(owned, [Op.delete(reg.key)])
+            reg._written_value = None
 
     async def restore(self, reg: Registration) -> None:
         """Put a withdrawn key back under the current lease."""
         async with self._lock:
             try:
-                if self.lease_id is not None and reg.key in self._registrations:
-                    await self._put(reg, restoring=True)
+                lease = self.lease_id
+                if lease is not None and self._registrations.get(reg.key) is reg:
+                    value = reg.value
+                    result = await self._etcd.put(reg.key, value, lease=lease)
+                    reg._wrote(value, result.revision)
             finally:
                 # Only now, so "not withdrawn" means the key is back; after a failed
-                # put the keeper's key check puts it back on a later tick.
+                # put the keeper's key check puts it back on a later round.
                 reg._withdrawn = False
 
     async def detach(self, reg: Registration) -> None:
-        if self._registrations.pop(reg.key, None) is None:
+        """Delete ``reg``'s key (saying ``draining`` first) and forget it; revoke the
+        lease when it was the last. A delete that etcd does not confirm stays pending
+        and is retried by the keeper for as long as the lease lives."""
+        if self._registrations.get(reg.key) is not reg:
             return
-        lease = self.lease_id
+        # Forgotten before the first await: no heal, update or key check writes it again.
+        del self._registrations[reg.key]
+        self._unwritten.pop(reg.key, None)
+        self._pending_deletes.add(reg.key)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._detaching.add(done)
         try:
-            # Only touch the key if it is still ours: a restarted twin may own it now.
-            owned = [Compare.lease(reg.key, "==", lease or 0)]
-            if lease is not None and not reg._leaving_announced():
-                # A lease expiry and a deletion look the same in a watch (a DELETE
-                # event, nothing else), so a graceful exit says "draining" first: a
-                # cache then tells a planned departure from a crash, and only crashes
-                # count towards mass-expiry protection. One extra write per exit; a
-                # put and a delete of one key cannot share a txn.
-                leaving = {**reg._metadata, "status": Status.DRAINING.value}
-                value = encode_value(reg.address, leaving)
-                await self._etcd.txn(owned, [Op.put(reg.key, value, lease=lease)])
-            await self._etcd.txn(owned, [Op.delete(reg.key)])
+            async with self._lock:
+                lease = self.lease_id
+                if reg.key in self._registrations:
+                    pass  # registered anew meanwhile: the key belongs to the new one
+                elif lease is None:
+                    # Lost: the key went with the old lease, or goes when the heal
+                    # revokes it; the heal does not put it back.
+                    self._pending_deletes.discard(reg.key)
+                else:
+                    await self._delete(reg, lease)
+                    self._pending_deletes.discard(reg.key)
         finally:
-            if not self._registrations:
-                await self._stop_task()
-                self.lease_id = None
-                if lease is not None:
-                    with contextlib.suppress(LeaseNotFoundError):
-                        await self._etcd.lease_revoke(lease)
+            try:
+                await self._retire_if_idle()
+            finally:
+                done.set_result(None)
+                self._detaching.discard(done)
+
+    async def _delete(self, reg: Registration, lease: int) -> None:
+        # Only touch the key if it is still ours: a restarted twin may own it now.
+        owned = [Compare.lease(reg.key, "==", lease)]
+        if not reg._leaving_announced():
+            # A lease expiry and a deletion look the same in a watch (a DELETE event,
+            # nothing else), so a graceful exit says "draining" first: a cache then
+            # tells a planned departure from a crash, and only crashes count towards
+            # mass-expiry protection. One extra write per exit; a put and a delete of
+            # one key cannot share a txn.
+            leaving = {**reg._metadata, "status": Status.DRAINING.value}
+            value = encode_value(reg.address, leaving)
+            await self._etcd.txn(owned, [Op.put(reg.key, value, lease=lease)])
+        await self._etcd.txn(owned, [Op.delete(reg.key)])
+
+    async def _retire_if_idle(self) -> None:
+        """With nothing left to keep, stop and revoke the lease (its keys go with it,
+        including any whose delete is still pending)."""
+        if self._registrations or self._unwritten:
+            return
+        # Cleared before any await: an attach that comes in meanwhile grants afresh
+        # instead of writing under a lease about to be revoked.
+        lease, self.lease_id = self.lease_id, None
+        self._pending_deletes.clear()
+        await self._stop_task()
+        if lease is not None:
+            try:
+                await self._etcd.lease_revoke(lease)
+            except LeaseNotFoundError:
+                pass
+            except EtcdError as exc:
+                # Nothing keeps it alive any more: it expires within its TTL.
+                log.warning("could not revoke lease %x (%s); it expires by itself", lease, exc)
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Deregister everything (bounded), then stop."""
+        """Deregister everything and wait for deregistrations under way (bounded),
+        then stop."""
         regs = list(self._registrations.values())
-        with contextlib.suppress(EtcdError, TimeoutError):
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                await asyncio.gather(*(r.deregister(timeout) for r in regs))
+                await asyncio.gather(
+                    *(r.deregister(timeout) for r in regs),
+                    *self._detaching,
+                    return_exceptions=True,
+                )
         self._closed = True
         await self._stop_task()
 
     # -- lease and writes ----------------------------------------------------------
 
     async def _grant(self) -> None:
+        sent = time.monotonic()
         grant = await self._etcd.lease_grant(self.ttl)
         self.lease_id = grant.id
         self._last_ack = time.monotonic()
+        self._expires_at = sent + grant.ttl
+        self._next_round = sent + self._interval
         log.info("granted lease %x (ttl %ss)", grant.id, grant.ttl)
-
-    async def _put(self, reg: Registration, *, restoring: bool = False) -> None:
-        assert self.lease_id is not None
-        if reg._withdrawn and not restoring:
-            return
-        result = await self._etcd.put(reg.key, reg.value, lease=self.lease_id)
-        reg.revision = result.revision
-        reg._written_status = reg._status
 
     # -- the loop ------------------------------------------------------------------
 
@@ -467,58 +614,94 @@ class LeaseKeeper:
 
     def _set_all(self, state: RegistrationState) -> None:
         for reg in list(self._registrations.values()):
-            reg._set_state(state)
+            if state is not RegistrationState.REGISTERED or reg._held:
+                reg._set_state(state)
 
     async def _run(self) -> None:
-        interval = max(self.ttl / 3.0, 0.5)
         while self._registrations and not self._closed:
-            if self.lease_id is None:
-                await self._heal()
-                continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await self._wake.wait()
-            self._wake.clear()
             try:
-                await self._tick(interval)
+                if self.lease_id is None:
+                    await self._heal()
+                    continue
+                delay = self._next_round - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await self._keep_alive()
+                lease = self.lease_id
+                if lease is not None:
+                    # Repairs must not hold up the next keepalive: what does not fit
+                    # before it is done in a later round.
+                    budget = max(self._next_round - time.monotonic(), self._interval / 2)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(budget):
+                            await self._reconcile(lease)
             except asyncio.CancelledError:
-                raise
+                if cancelling():
+                    raise
+                log.warning("lease keeper: a call was cancelled under it; continuing")
             except Exception:
                 # The keeper must outlive any surprise: a dead keeper is a vanished service.
-                log.exception("lease keeper tick failed; continuing")
+                log.exception("lease keeper round failed; continuing")
+                await asyncio.sleep(self._retry.next_delay())
 
-    async def _tick(self, interval: float) -> None:
+    async def _keep_alive(self) -> None:
+        """One keepalive, retried on the next endpoint at once until etcd answers.
+
+        Past the lease's expiry as counted here the registrations say ``lost``, yet
+        the keeper goes on asking about the same lease rather than giving it up: etcd
+        cannot expire a lease while it has no leader, and a new leader extends every
+        lease, so after a loss of quorum the old lease (and its keys) is usually
+        alive. Only etcd's own word that it is gone starts a re-registration; moving
+        to a new lease on a guess would make every cache see the fleet leave and
+        come back."""
         lease = self.lease_id
-        if lease is None:
-            return
-        sent = time.monotonic()
-        try:
-            await self._stream.keepalive(lease, timeout=interval)
-        except asyncio.CancelledError:
-            raise
-        except LeaseNotFoundError:
-            log.warning("lease %x is gone; re-registering", lease)
-            self._lose_lease()
-            return
-        except Exception as exc:
-            # Whatever broke the round trip (a typed etcd error or a surprise from grpc),
-            # a lease without an ack for a whole TTL is gone.
-            silent_for = time.monotonic() - self._last_ack
-            if silent_for >= self.ttl:
-                log.warning("no keepalive ack for %.1fs (ttl %ss): %s", silent_for, self.ttl, exc)
+        presumed_lost = False
+        while lease is not None and self.lease_id == lease:
+            sent = time.monotonic()
+            left = self._expires_at - sent
+            if left <= 0 and not presumed_lost:
+                presumed_lost = True
+                log.warning(
+                    "lease %x: no keepalive answered for %.1fs (ttl %ss); presumed expired",
+                    lease,
+                    sent - self._last_ack,
+                    self.ttl,
+                )
+                self._set_all(RegistrationState.LOST)
+            budget = self._attempt_timeout if presumed_lost else min(self._attempt_timeout, left)
+            try:
+                ttl = await self._stream.keepalive(lease, timeout=budget)
+            except LeaseNotFoundError:
+                log.warning("lease %x is gone; re-registering", lease)
                 self._lose_lease()
-            else:
-                self._set_all(RegistrationState.RECONNECTING)
+                return
+            except EtcdError as exc:
+                if not presumed_lost:
+                    self._set_all(RegistrationState.RECONNECTING)
+                delay = self._retry.next_delay()
+                if not presumed_lost:
+                    delay = min(delay, max(self._expires_at - time.monotonic(), 0))
+                log.debug("keepalive of lease %x failed (%s); again in %.2fs", lease, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            if self.lease_id != lease:
+                return
+            if presumed_lost:
+                log.info("lease %x is alive after all", lease)
+            self._retry.reset()
+            self._last_ack = time.monotonic()
+            self._expires_at = sent + ttl
+            self._next_round = sent + self._interval
+            self.last_keepalive_latency = self._last_ack - sent
+            self._set_all(RegistrationState.REGISTERED)
             return
-        self._last_ack = time.monotonic()
-        self.last_keepalive_latency = self._last_ack - sent
-        self._set_all(RegistrationState.REGISTERED)
-        with contextlib.suppress(EtcdError):
-            await self._verify_keys(lease)
 
     def _lose_lease(self) -> None:
         self._abandoned = self.lease_id
         self.lease_id = None
+        for reg in self._registrations.values():
+            reg._held = False
+            reg._written_value = None
         self._set_all(RegistrationState.LOST)
 
     async def _heal(self) -> None:
@@ -529,37 +712,115 @@ class LeaseKeeper:
                     # attach() may have granted one meanwhile: reuse it.
                     if self.lease_id is None:
                         await self._grant()
-                    for reg in list(self._registrations.values()):
-                        await self._put(reg)
-                        reg.re_registrations += 1
+                    lease = self.lease_id
+                    assert lease is not None
+                    await self._put_all(lease, self._abandoned)
+                    self._set_all(RegistrationState.REGISTERED)
+                    await self._revoke_abandoned()
             except asyncio.CancelledError:
-                raise
-            except EtcdError as exc:
+                if cancelling():
+                    raise
+                delay = self._backoff.next_delay()
+            except LeaseNotFoundError:
+                # The new lease ran out while the heal retried (nothing refreshes it
+                # meanwhile): whatever was put under it went with it. Start afresh.
                 self.lease_id = None
+                for reg in self._registrations.values():
+                    reg._held = False
+                delay = self._backoff.next_delay()
+            except EtcdError as exc:
                 delay = self._backoff.next_delay()
                 log.debug("re-register failed (%s); retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
+            except Exception:
+                delay = self._backoff.next_delay()
+                log.exception("re-register failed; retrying in %.2fs", delay)
+            else:
+                self._backoff.reset()
+                held = sum(1 for reg in self._registrations.values() if reg._held)
+                self._set_all(RegistrationState.REGISTERED)
+                log.info("re-registered %d instance(s) under lease %x", held, self.lease_id)
+                return
+            await asyncio.sleep(delay)
+
+    async def _put_all(self, lease: int, previous: int | None) -> None:
+        """Put every registration not under ``lease`` yet, in txns of up to
+        ``_MAX_BATCH_OPS``. A key moves over from ``previous`` (a lease given up for
+        silence that may still live: moving, rather than revoking first, spares the
+        caches a removal and a return) or is put where absent; a key held by any
+        other lease belongs to a twin with the same id, and the keeper does not
+        fight it."""
+        todo = [reg for reg in self._registrations.values() if not reg._held and not reg._withdrawn]
+        for start in range(0, len(todo), _MAX_BATCH_OPS):
+            # Deregistered meanwhile (they do not need the lock to be forgotten): skip.
+            batch = [r for r in todo[start : start + _MAX_BATCH_OPS] if self._owns(r)]
+            if not batch:
                 continue
-            self._backoff.reset()
-            self._set_all(RegistrationState.REGISTERED)
-            await self._revoke_abandoned()
-            log.info(
-                "re-registered %d instance(s) under lease %x",
-                len(self._registrations),
-                self.lease_id,
+            values = [reg.value for reg in batch]
+            puts = [Op.put(reg.key, v, lease=lease) for reg, v in zip(batch, values, strict=True)]
+            conditions = [[Compare.version(reg.key, "==", 0) for reg in batch]]
+            if previous is not None:
+                conditions.insert(0, [Compare.lease(reg.key, "==", previous) for reg in batch])
+            for compare in conditions:
+                result = await self._etcd.txn(compare, puts)
+                if result.succeeded:
+                    for reg, value in zip(batch, values, strict=True):
+                        reg._wrote(value, result.revision)
+                        reg._held = True
+                        reg.re_registrations += 1
+                    break
+            else:
+                for reg in batch:
+                    await self._claim(reg, lease, previous)
+        for reg in self._registrations.values():
+            if reg._withdrawn:
+                reg._held = True  # absent on purpose: nothing to put back
+
+    def _owns(self, reg: Registration) -> bool:
+        return self._registrations.get(reg.key) is reg
+
+    async def _claim(self, reg: Registration, lease: int, previous: int | None = None) -> bool:
+        """Put ``reg`` under ``lease`` where its key is absent or held by ``lease``
+        or ``previous``; leave it to any other lease."""
+        value = reg.value
+        result = await self._etcd.txn(
+            [Compare.version(reg.key, "==", 0)],
+            [Op.put(reg.key, value, lease=lease)],
+            [Op.get(reg.key)],
+        )
+        if not result.succeeded and result.kvs and result.kvs[0].lease in (lease, previous):
+            # Ours already (a write whose answer was lost, or the lease given up): move
+            # it over and bring the value up to date.
+            result = await self._etcd.txn(
+                [Compare.lease(reg.key, "==", result.kvs[0].lease)],
+                [Op.put(reg.key, value, lease=lease)],
             )
-            return
+        if result.succeeded:
+            reg._wrote(value, result.revision)
+            if not reg._held:
+                reg._held = True
+                reg.re_registrations += 1
+            reg._conflict_logged = False
+            return True
+        if not reg._conflict_logged:
+            reg._conflict_logged = True
+            log.warning("%s is held by another lease (same instance id elsewhere?)", reg.key)
+        return False
 
     async def _revoke_abandoned(self) -> None:
         """A lease given up for silence may still live (etcd keeps leases across its
-        own restarts); it holds no keys now, so revoke it rather than wait a TTL."""
+        own restarts): revoke it rather than let it linger for a TTL."""
         old, self._abandoned = self._abandoned, None
         if old is not None and old != self.lease_id:
-            with contextlib.suppress(EtcdError):
+            try:
                 await self._etcd.lease_revoke(old, timeout=1.0)
+            except LeaseNotFoundError:
+                pass
+            except EtcdError:
+                # It holds none of our keys now, and nobody refreshes it: it expires.
+                log.debug("could not revoke abandoned lease %x", old)
 
-    async def _verify_keys(self, lease: int) -> None:
-        """Put back keys that were deleted from outside while the lease lives."""
+    async def _reconcile(self, lease: int) -> None:
+        """Make etcd hold exactly what the registrations say under ``lease``."""
         # Only keys written before the lookup can be judged by its answer: a
         # registration still waiting for its first write (a batch of register()
         # calls queued on the lock) is absent from it but about to be written.
@@ -568,34 +829,52 @@ class LeaseKeeper:
             for reg in self._registrations.values()
             if reg.state is not RegistrationState.PENDING
         ]
-        try:
-            info = await self._etcd.lease_time_to_live(lease, keys=True)
-        except EtcdError:
-            return  # the next tick tries again
+        info = await self._etcd.lease_time_to_live(lease, keys=True)
+        if self.lease_id != lease:
+            return
         bound = {k.decode("utf-8", "replace") for k in info.keys}
-        for reg in settled:
-            if reg.key in bound:
-                reg._conflict_logged = False
-                continue
+        for key in bound:
+            if key not in self._registrations and key not in self._unwritten:
+                # Ours by lease, nobody's by registration: a write that landed after
+                # its deregister. It must not live on with the lease.
+                if key not in self._pending_deletes:
+                    log.warning("%s is under lease %x but not registered; deleting it", key, lease)
+                self._pending_deletes.add(key)
+        for key in list(self._pending_deletes):
             async with self._lock:
                 if self.lease_id != lease:
                     return
-                if reg.key not in self._registrations or reg._withdrawn:
+                if key not in self._registrations:
+                    await self._etcd.txn([Compare.lease(key, "==", lease)], [Op.delete(key)])
+                self._pending_deletes.discard(key)
+        for reg in settled:
+            async with self._lock:
+                if self.lease_id != lease:
+                    return
+                if not self._owns(reg) or reg._withdrawn:
                     continue
-                # Put back only when the key is absent: a key on another lease belongs
-                # to someone else (a twin with the same id), and we do not fight it.
-                result = await self._etcd.txn(
-                    [Compare.version(reg.key, "==", 0)],
-                    [Op.put(reg.key, reg.value, lease=lease)],
-                )
-            if result.succeeded:
-                reg.re_registrations += 1
-                reg.revision = result.revision
-                reg._written_status = reg._status
-                log.warning("%s was deleted from outside; put it back", reg.key)
-            elif not reg._conflict_logged:
-                reg._conflict_logged = True
-                log.warning("%s is held by another lease (same instance id elsewhere?)", reg.key)
+                if reg.key not in bound:
+                    # Deleted from outside (or never made it back): put back, unless a
+                    # twin with the same id holds it.
+                    was_held = reg._held
+                    reg._held = False
+                    if await self._claim(reg, lease):
+                        if was_held:
+                            log.warning("%s was deleted from outside; put it back", reg.key)
+                    else:
+                        reg._set_state(RegistrationState.LOST)
+                elif reg._written_value != reg.value:
+                    # An update or drain that etcd did not take: write it now.
+                    await self._write_held(reg, lease)
+
+    async def _write_held(self, reg: Registration, lease: int) -> None:
+        value = reg.value
+        result = await self._etcd.txn(
+            [Compare.lease(reg.key, "==", lease)], [Op.put(reg.key, value, lease=lease)]
+        )
+        if result.succeeded:
+            reg._wrote(value, result.revision)
+            log.info("%s: wrote the value etcd had missed", reg.key)
 
 
 def make_registration(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
@@ -16,8 +17,9 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from ._async_client import AsyncClient
-from ._errors import EtcdTimeoutError
-from ._model import ChangeEvent, Instance
+from ._errors import ClosedError, EtcdTimeoutError
+from ._expiry import DEFAULT_EXPIRY_PROTECTION, ExpiryProtection
+from ._model import DEFAULT_PREFIX, ChangeEvent, Instance
 from .discovery import CacheState, EventListener, ServiceCache
 from .health import Check, CheckResult
 from .registry import Registration, RegistrationState
@@ -32,6 +34,8 @@ class _LoopThread:
 
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
+        self._pid = os.getpid()
+        self._stopped = False
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
@@ -40,16 +44,36 @@ class _LoopThread:
         self.loop.run_forever()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("blocking etcdisco call made from its own loop thread")
+        try:
+            self._check_usable()
+        except BaseException:
+            coro.close()
+            raise
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(timeout)
         except TimeoutError:
+            # The core's own timeouts (EtcdTimeoutError is a TimeoutError) come out of a
+            # finished future with their message; only a wait that ran out is ours.
+            if future.done():
+                raise
             future.cancel()
             raise EtcdTimeoutError(f"operation did not finish within {timeout}s") from None
 
+    def _check_usable(self) -> None:
+        if os.getpid() != self._pid:
+            # The loop thread did not survive fork(): waiting on it would hang forever.
+            raise ClosedError(
+                f"this etcdisco Client was created in process {self._pid} and cannot be "
+                "used in a forked child; create a new Client after fork()"
+            )
+        if self._stopped:
+            raise ClosedError("client is closed")
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("blocking etcdisco call made from its own loop thread")
+
     def stop(self) -> None:
+        self._stopped = True
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
@@ -101,12 +125,24 @@ class SyncRegistration:
         return self._reg.metadata
 
     @property
+    def status(self) -> str | None:
+        return self._reg.status
+
+    @property
+    def in_sync(self) -> bool:
+        return self._reg.in_sync
+
+    @property
     def lease_id(self) -> int | None:
         return self._reg.lease_id
 
     @property
     def ttl(self) -> int:
         return self._reg.ttl
+
+    @property
+    def last_keepalive(self) -> float:
+        return self._reg.last_keepalive
 
     @property
     def re_registrations(self) -> int:
@@ -248,13 +284,14 @@ class Client:
         self,
         endpoints: str | Sequence[str] | None = None,
         *,
-        prefix: str = "services",
+        prefix: str = DEFAULT_PREFIX,
         cacert: str | None = None,
         cert: str | None = None,
         key: str | None = None,
         username: str | None = None,
         password: str | None = None,
         timeout: float = 5.0,
+        expiry_protection: ExpiryProtection | None = DEFAULT_EXPIRY_PROTECTION,
     ) -> None:
         self._timeout = timeout
         self._loop = _LoopThread("etcdisco-loop")
@@ -270,6 +307,7 @@ class Client:
                 username=username,
                 password=password,
                 timeout=timeout,
+                expiry_protection=expiry_protection,
             )
 
         try:

@@ -19,6 +19,7 @@ import pytest
 
 from etcdisco._local_etcd import LocalEtcd, LocalEtcdCluster, TlsFiles
 
+from .._proxy import TcpProxy
 from ..grpc_echo.fleet import Fleet
 
 _CALL_FAILED = pytest.StashKey[bool]()
@@ -82,6 +83,23 @@ def etcd_cluster(
 
 
 @pytest.fixture
+def etcd_cluster_proxied(
+    etcd_binary: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[LocalEtcdCluster]:
+    """A started 3-member cluster whose peers reach each other through proxies, so a
+    test can partition a member (``cluster.partition(member)`` / ``cluster.heal``)."""
+    cluster = LocalEtcdCluster(3, tmp_path / "cluster", binary=etcd_binary, peer_proxies=True)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        try:
+            _teardown(request, cluster.members)
+        finally:
+            cluster.close()
+
+
+@pytest.fixture
 def etcd_tls(
     etcd_binary: Path, tls_files: TlsFiles, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[tuple[LocalEtcd, TlsFiles]]:
@@ -121,3 +139,14 @@ def fleet(etcd: LocalEtcd, tmp_path: Path) -> Iterator[Fleet]:
         yield f
     finally:
         f.close()
+
+
+@pytest.fixture
+def proxy(etcd: LocalEtcd) -> Iterator[TcpProxy]:
+    """A TCP proxy in front of ``etcd`` that the test can cut and heal."""
+    host, port = etcd.endpoint.rsplit(":", 1)
+    p = TcpProxy(host, int(port))
+    try:
+        yield p
+    finally:
+        p.close()

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from etcdisco import AsyncClient, EventType
+import asyncio
+import urllib.request
+from collections.abc import AsyncIterator
+
+import pytest
+
+from etcdisco import AsyncClient, CacheState, EtcdTimeoutError, EventType
+from etcdisco._local_etcd import LocalEtcd
 
 from .._util import eventually, wait_event
 
@@ -81,3 +88,87 @@ async def test_custom_prefix_with_leading_slash(etcd) -> None:
         async with c.discover("echo") as cache:
             await cache.wait_ready(5)
             await eventually(lambda: len(cache.instances()) == 1, 5, "instance not seen")
+
+
+async def test_a_frozen_etcd_never_ends_the_watch(etcd) -> None:
+    """etcd frozen (SIGSTOP: alive, TCP open, answering nothing) for longer than the
+    watch's progress probe: the cache says stale, and once etcd resumes it follows
+    again. Cancelling the silent stream must not read as the watcher being cancelled."""
+    async with (
+        AsyncClient(etcd.endpoint, timeout=2.0) as client,
+        AsyncClient(etcd.endpoint) as writer,
+        client.discover("echo") as cache,
+    ):
+        await cache.wait_ready(5)
+        events = cache.events()
+        # An event proves the watch itself is up (ready only means listed).
+        first = await writer.register("echo", "127.0.0.1:9829", ttl=30)
+        await wait_event(events, EventType.ADDED, first.key, 5)
+        stale = asyncio.Event()
+        cache.add_state_listener(lambda s: stale.set() if s is CacheState.STALE else None)
+        etcd.pause()
+        try:
+            # The probe asks every 5 s and gives up after 3 more.
+            await asyncio.wait_for(stale.wait(), 20)
+        except TimeoutError:
+            raise AssertionError(f"cache still says {cache.state.value} on a frozen etcd") from None
+        finally:
+            etcd.resume()
+        reg = await writer.register("echo", "127.0.0.1:9830", ttl=5)
+        await wait_event(events, EventType.ADDED, reg.key, 20)
+        assert cache.state is CacheState.SYNCED
+        assert [i.key for i in cache.instances()] == [first.key, reg.key]
+
+
+async def test_closing_the_client_ends_every_iteration(etcd) -> None:
+    client = AsyncClient(etcd.endpoint)
+    cache = await client.discover("echo")
+    await cache.wait_ready(5)
+
+    async def drain(stream: AsyncIterator[object]) -> str:
+        async for _ in stream:
+            pass
+        return "ended"
+
+    iterations = [
+        asyncio.create_task(drain(cache)),
+        asyncio.create_task(drain(cache.events())),
+    ]
+    await asyncio.sleep(0)  # both are now waiting for an event
+    await client.close()
+    try:
+        ended = await asyncio.wait_for(asyncio.gather(*iterations), 5)
+    except TimeoutError:
+        raise AssertionError("an iteration over a cache outlived its client") from None
+    assert ended == ["ended", "ended"]
+    assert cache.state is CacheState.CLOSED
+
+
+def _range_denials(member: LocalEtcd) -> float:
+    """How many Range calls etcd refused for lack of permission (its gRPC metrics)."""
+    text = urllib.request.urlopen(f"{member.url}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if (
+            line.startswith("grpc_server_handled_total{")
+            and 'grpc_method="Range"' in line
+            and 'grpc_code="PermissionDenied"' in line
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_a_cache_without_permission_backs_off(etcd_auth) -> None:
+    """A user without read permission: the cache keeps trying (permissions can be
+    granted later), but slowly, not every few seconds."""
+    member, _, _ = etcd_auth
+    member.etcdctl("user", "add", "nobody:nobody-pw")
+    async with AsyncClient(member.endpoint, username="nobody", password="nobody-pw") as c:
+        cache = await c.discover("echo")
+        with pytest.raises(EtcdTimeoutError, match="permission denied"):
+            await cache.wait_ready(12)
+        denied = await asyncio.to_thread(_range_denials, member)
+        # Backoff from 0.1 s doubling up to 5 s tries 8 times in 12 s; after a second
+        # refusal the cache waits 5 s, then 10 s.
+        assert 1 <= denied <= 4, f"{denied:.0f} refused lists in 12 s"
+        await cache.close()

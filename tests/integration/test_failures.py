@@ -8,13 +8,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from etcdisco import AsyncClient, CacheState, EventType, RegistrationState
 
-from .._proxy import TcpProxy
 from .._util import eventually, wait_event
 
 
@@ -36,14 +32,6 @@ def _spawn_register(endpoint: str, address: str, ttl: int) -> subprocess.Popen[s
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-@pytest.fixture
-def proxy(etcd) -> Iterator[TcpProxy]:
-    host, port = etcd.endpoint.rsplit(":", 1)
-    p = TcpProxy(host, int(port))
-    yield p
-    p.close()
 
 
 async def test_crashed_instance_vanishes_after_its_ttl(etcd) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from etcdisco._local_etcd import (
     EtcdStartError,
     LocalEtcd,
     LocalEtcdCluster,
+    LocalEtcdError,
     TlsFiles,
     etcd_version,
     find_etcd_binaries,
@@ -198,3 +201,134 @@ def test_auth_member(etcd_auth: tuple[LocalEtcd, str, str]) -> None:
 
     with pytest.raises(EtcdctlError, match="authentication failed"):
         member.etcdctl("get", "k", user=Credentials(user, password + "x"))
+
+
+# -- partitions through peer proxies ---------------------------------------------------
+
+# A member cut off from its peers loses its leader after an election timeout (1 s);
+# etcd cancels require-leader watches after three more (monitorLeader). Generous for a
+# loaded machine.
+_NO_LEADER_WITHIN = 15.0
+_HASLEADER = {"Grpc-Metadata-Hasleader": "true"}
+
+
+def _leader_watch(member: LocalEtcd) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """A watch with etcd's require-leader flag (the gRPC metadata ``hasleader``), opened
+    through the JSON gateway; its first line (``created``) is read."""
+    body = json.dumps({"create_request": {"key": base64.b64encode(b"watched").decode()}})
+    conn = http.client.HTTPConnection("127.0.0.1", member.client_port, timeout=_NO_LEADER_WITHIN)
+    conn.request("POST", "/v3/watch", body.encode(), _HASLEADER)
+    response = conn.getresponse()
+    assert response.status == 200
+    assert json.loads(response.readline())["result"]["created"]
+    return conn, response
+
+
+def _leader_of(member: LocalEtcd) -> str:
+    return str(member.status().get("leader", "0"))
+
+
+def _wait_until(what: str, predicate: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout:.0f}s: {what}"
+        time.sleep(0.1)
+
+
+def _assert_cut_off(cluster: LocalEtcdCluster, member: LocalEtcd) -> None:
+    _wait_until("the partitioned member has no leader", lambda: _leader_of(member) == "0", 10.0)
+    # Its clients still reach it, but nothing that needs a leader works there.
+    assert member.status()["header"]["member_id"] == member.member_id
+    assert not member.is_healthy()
+    read = member.etcdctl("get", "k", "--command-timeout=2s", check=False)
+    assert read.returncode != 0, read.stdout
+    code, body = member._http("POST", "/v3/watch", b"{}", _HASLEADER, timeout=5.0)
+    assert b"no leader" in body, (code, body)
+    # The other two are a majority: one of them leads, and writes go on.
+    leader = cluster.wait_for_leader(timeout=15.0)
+    assert leader is not member
+    assert all(_leader_of(m) == leader.member_id for m in cluster.members if m is not member)
+
+
+def _assert_rejoined(cluster: LocalEtcdCluster, member: LocalEtcd, key: str, value: str) -> None:
+    def caught_up() -> bool:
+        got = member.etcdctl("get", key, "--consistency=s", "--print-value-only", check=False)
+        return got.stdout.strip() == value
+
+    _wait_until(f"{member.name} sees {key}={value} after the heal", caught_up, 15.0)
+    leader = cluster.wait_for_leader(timeout=15.0)
+    _wait_until(
+        f"{member.name} follows leader {leader.name}",
+        lambda: _leader_of(member) == leader.member_id,
+        15.0,
+    )
+    _wait_until(f"{member.name} healthy", member.is_healthy, 15.0)
+
+
+def test_partitioned_follower_loses_its_leader_and_rejoins(
+    etcd_cluster_proxied: LocalEtcdCluster,
+) -> None:
+    cluster = etcd_cluster_proxied
+    leader = cluster.wait_for_leader(timeout=10.0)
+    follower = next(m for m in cluster.members if m is not leader)
+    # rafthttp names each sender in X-Server-From as its hex member id.
+    _wait_until(
+        "every member seen in X-Server-From",
+        lambda: cluster.peer_senders_seen == {m.member_id_hex for m in cluster.members},
+        10.0,
+    )
+    conn, watch = _leader_watch(follower)
+    try:
+        began = time.monotonic()
+        cluster.partition(follower)
+        assert cluster.is_partitioned(follower)
+        # The open require-leader watch is cancelled, not left silently stale.
+        cancelled = json.loads(watch.readline())
+        assert "no leader" in cancelled["error"]["message"], cancelled
+        assert time.monotonic() - began < _NO_LEADER_WITHIN
+    finally:
+        conn.close()
+    _assert_cut_off(cluster, follower)
+    assert cluster.leader() is leader  # a follower's loss does not disturb the leader
+    leader.etcdctl("put", "during", "1")
+
+    cluster.heal(follower)
+    assert not cluster.is_partitioned(follower)
+    _assert_rejoined(cluster, follower, "during", "1")
+
+
+def test_partitioned_leader_is_replaced_and_restarts_go_through_the_proxy(
+    etcd_cluster_proxied: LocalEtcdCluster,
+) -> None:
+    cluster = etcd_cluster_proxied
+    old = cluster.wait_for_leader(timeout=10.0)
+    with cluster.partitioned(old):
+        _assert_cut_off(cluster, old)
+        new = cluster.wait_for_leader(timeout=15.0, exclude=old)
+        new.etcdctl("put", "during", "1")
+    _assert_rejoined(cluster, old, "during", "1")
+
+    # A restarted member keeps advertising its proxy: cutting it off still works.
+    old.restart()
+    with cluster.partitioned(old):
+        _assert_cut_off(cluster, old)
+        cluster.wait_for_leader(timeout=15.0).etcdctl("put", "after-restart", "2")
+    _assert_rejoined(cluster, old, "after-restart", "2")
+
+
+def test_partition_needs_peer_proxies(etcd_binary: Path, tmp_path: Path) -> None:
+    cluster = LocalEtcdCluster(3, tmp_path / "cluster", binary=etcd_binary)
+    with pytest.raises(LocalEtcdError, match="peer_proxies=True"):
+        cluster.partition(cluster.members[0])
+    assert all(m.advertised_peer_url == m.peer_url for m in cluster.members)
+    proxied = LocalEtcdCluster(3, tmp_path / "proxied", binary=etcd_binary, peer_proxies=True)
+    try:
+        # Peers are told the proxy's port; the member still listens on its own.
+        for member in proxied.members:
+            assert member.advertised_peer_url != member.peer_url
+            assert f"--listen-peer-urls={member.peer_url}" in member.command()
+            assert f"--initial-advertise-peer-urls={member.advertised_peer_url}" in (
+                member.command()
+            )
+    finally:
+        proxied.close()

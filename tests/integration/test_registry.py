@@ -12,6 +12,7 @@ import pytest
 from etcdisco import (
     AsyncClient,
     ConfigError,
+    EtcdError,
     EventType,
     InvalidAddressError,
     RegistrationState,
@@ -193,3 +194,173 @@ async def test_twin_holding_the_key_is_not_fought(etcd) -> None:
         await ra.deregister()
         got = await a.etcd.get(ra.key)
         assert got.kvs and got.kvs[0].lease == rb.lease_id, "a's deregister must not delete b's key"
+
+
+async def _absent(client: AsyncClient, key: str) -> bool:
+    return not (await client.etcd.get(key)).kvs
+
+
+async def _value(client: AsyncClient, key: str) -> dict[str, object] | None:
+    got = await client.etcd.get(key)
+    if not got.kvs:
+        return None
+    meta = json.loads(got.kvs[0].value)["Metadata"]
+    return json.loads(meta) if isinstance(meta, str) else meta
+
+
+async def test_deregister_during_an_outage_still_removes_the_key(etcd, proxy) -> None:
+    """Two registrations share a lease; one is deregistered while etcd is unreachable.
+    The sibling keeps the lease alive, so the key would live on unless it is deleted
+    once etcd answers again."""
+    ttl = 3
+    async with (
+        AsyncClient(proxy.endpoint, timeout=1.0) as server,
+        AsyncClient(etcd.endpoint) as observer,
+    ):
+        stay = await server.register("echo", "127.0.0.1:9801", ttl=ttl)
+        leave = await server.register("echo", "127.0.0.1:9802", ttl=ttl)
+        assert stay.lease_id == leave.lease_id
+        with proxy.outage(), pytest.raises(EtcdError):
+            await leave.deregister(timeout=2)
+        assert leave.state is RegistrationState.CLOSED
+        await eventually(
+            lambda: _absent(observer, leave.key), ttl + 2, "the deregistered key lives on"
+        )
+        got = await observer.etcd.get(stay.key)
+        assert got.kvs and got.kvs[0].lease == stay.lease_id, "the sibling must stay"
+
+
+async def test_deregister_during_a_re_registration_is_not_undone(etcd) -> None:
+    """200 registrations on one lease; the lease is revoked from outside and, while the
+    keeper re-grants and re-puts them, one is deregistered: it must not come back."""
+    async with AsyncClient(etcd.endpoint) as server, AsyncClient(etcd.endpoint) as observer:
+        regs = await asyncio.gather(
+            *(server.register("echo", f"127.0.0.1:{20000 + i}", ttl=5) for i in range(200))
+        )
+        old = regs[0].lease_id
+        assert old is not None
+        first, victim = regs[0], regs[-1]
+        await observer.etcd.lease_revoke(old)
+
+        async def heal_under_way() -> bool:
+            got = await observer.etcd.get(first.key)
+            return bool(got.kvs) and got.kvs[0].lease != old
+
+        # The heal has begun writing (the first key is back): deregister the last one,
+        # which the heal has not reached, or is about to write.
+        await eventually(heal_under_way, 15, "the keeper never re-put the first key", 0.005)
+        await victim.deregister()
+
+        async def others_back() -> bool:
+            got = await observer.etcd.get("services/echo/", prefix=True)
+            return len(got.kvs) == 199
+
+        await eventually(others_back, 15, "the other registrations did not all come back")
+        # An observation window of a keepalive round and more: a late re-put shows here.
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            assert await _absent(observer, victim.key), "a deregistered key came back"
+            await asyncio.sleep(0.1)
+
+
+async def test_failed_update_is_written_once_etcd_answers(etcd, proxy) -> None:
+    async with (
+        AsyncClient(proxy.endpoint, timeout=1.0) as server,
+        AsyncClient(etcd.endpoint) as observer,
+    ):
+        reg = await server.register("echo", "127.0.0.1:9810", metadata={"v": 1}, ttl=5)
+        with proxy.outage():
+            with pytest.raises(EtcdError):
+                await reg.update({"v": 2})
+            assert reg.metadata == {"v": 2} and not reg.in_sync
+        await eventually(lambda: _has(observer, reg.key, {"v": 2}), 10, "etcd never got the update")
+        assert reg.in_sync
+
+
+async def test_failed_drain_is_written_once_etcd_answers(etcd, proxy) -> None:
+    async with (
+        AsyncClient(proxy.endpoint, timeout=1.0) as server,
+        AsyncClient(etcd.endpoint) as observer,
+    ):
+        reg = await server.register("echo", "127.0.0.1:9811", ttl=5)
+        with proxy.outage(), pytest.raises(EtcdError):
+            await reg.drain()
+        assert reg.status == "draining"
+        await eventually(
+            lambda: _has(observer, reg.key, {"status": "draining"}), 10, "drain never written"
+        )
+
+
+async def _has(client: AsyncClient, key: str, wanted: dict[str, object]) -> bool:
+    return await _value(client, key) == wanted
+
+
+async def test_update_after_drain_stays_draining(etcd) -> None:
+    async with AsyncClient(etcd.endpoint) as c:
+        reg = await c.register("echo", "127.0.0.1:9812", metadata={"v": 1}, ttl=5)
+        await reg.drain()
+        await reg.update({"v": 2})
+        assert await _value(c, reg.key) == {"v": 2, "status": "draining"}
+        assert reg.metadata == {"v": 2} and reg.status == "draining"
+
+
+@pytest.mark.parametrize("ttls", [(5, 5), (5, 10)], ids=["same-ttl", "other-ttl"])
+async def test_same_instance_twice_on_one_client_is_refused(etcd, ttls) -> None:
+    async with AsyncClient(etcd.endpoint) as c:
+        first = await c.register("echo", "127.0.0.1:9813", ttl=ttls[0])
+        with pytest.raises(ConfigError, match="already registered"):
+            await c.register("echo", "127.0.0.1:9813", ttl=ttls[1])
+        # Both at once: exactly one wins.
+        await first.deregister()
+        results = await asyncio.gather(
+            c.register("echo", "127.0.0.1:9813", ttl=ttls[0]),
+            c.register("echo", "127.0.0.1:9813", ttl=ttls[1]),
+            return_exceptions=True,
+        )
+        assert sorted(type(r).__name__ for r in results) == ["ConfigError", "Registration"]
+        got = await c.etcd.get("services/echo/", prefix=True)
+        assert len(got.kvs) == 1
+        # Once deregistered, the instance can be registered again.
+        for r in results:
+            if not isinstance(r, BaseException):
+                await r.deregister()
+        again = await c.register("echo", "127.0.0.1:9813", ttl=ttls[1])
+        assert again.state is RegistrationState.REGISTERED
+
+
+async def test_close_waits_for_a_deregister_in_flight(etcd) -> None:
+    async with AsyncClient(etcd.endpoint) as observer:
+        server = AsyncClient(etcd.endpoint)
+        reg = await server.register("echo", "127.0.0.1:9814", ttl=30)
+        leaving = asyncio.create_task(reg.deregister())
+        await asyncio.sleep(0)  # let it start: it now waits for etcd's answer
+        await server.close()
+        await leaving  # must not fail because the client closed under it
+        assert await _absent(observer, reg.key)
+
+
+async def test_heal_survives_a_surprise_and_retries(etcd) -> None:
+    """Whatever breaks a re-registration attempt, the keeper tries again."""
+    async with AsyncClient(etcd.endpoint) as c:
+        reg = await c.register("echo", "127.0.0.1:9815", ttl=3)
+        real_grant = c.etcd.lease_grant
+        surprises = 0
+
+        async def grant_once_broken(ttl: int, **kwargs: float | None) -> object:
+            nonlocal surprises
+            if surprises == 0:
+                surprises += 1
+                raise RuntimeError("a surprise from below")
+            return await real_grant(ttl, **kwargs)
+
+        c.etcd.lease_grant = grant_once_broken  # type: ignore[method-assign,assignment]
+        old = reg.lease_id
+        assert old is not None
+        await c.etcd.lease_revoke(old)
+
+        async def healed() -> bool:
+            got = await c.etcd.get(reg.key)
+            return bool(got.kvs) and got.kvs[0].lease not in (0, old)
+
+        await eventually(healed, 15, "the keeper gave up after a surprise")
+        assert surprises == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from etcdisco import AsyncClient, AuthError, EtcdError, EventType, RegistrationState
@@ -63,3 +65,36 @@ async def test_auth_survives_token_invalidated_by_restart(etcd_auth) -> None:
         )
         got = await client.etcd.get(reg.key)
         assert got.kvs, "registration lost across the restart"
+
+
+async def test_auth_fails_over_past_a_dead_endpoint(etcd_auth) -> None:
+    """The first endpoint is down for maintenance: authentication, unary calls, the
+    watch and the keepalive stream all reach the live member."""
+    member, user, password = etcd_auth
+    endpoints = f"127.0.0.1:1,{member.endpoint}"
+    async with (
+        AsyncClient(endpoints, username=user, password=password, timeout=3.0) as c,
+        AsyncClient(member.endpoint, username=user, password=password) as observer,
+        c.discover("echo") as cache,
+    ):
+        await cache.wait_ready(5)
+        events = cache.events()
+        reg = await c.register("echo", "127.0.0.1:9606", ttl=3)
+        await wait_event(events, EventType.ADDED, reg.key, 5)
+        lease = reg.lease_id
+        # Two TTLs: without keepalives reaching etcd the lease would expire in this window.
+        deadline = asyncio.get_running_loop().time() + 6
+        while asyncio.get_running_loop().time() < deadline:
+            got = await observer.etcd.get(reg.key)
+            assert got.kvs and got.kvs[0].lease == lease, "the lease was not kept alive"
+            await asyncio.sleep(0.2)
+        assert reg.state is RegistrationState.REGISTERED and reg.re_registrations == 0
+
+
+async def test_auth_error_behind_a_dead_endpoint_names_only_what_was_tried(etcd_auth) -> None:
+    member, user, _ = etcd_auth
+    endpoints = f"127.0.0.1:1,{member.endpoint}"
+    async with AsyncClient(endpoints, username=user, password="wrong", timeout=3.0) as c:
+        with pytest.raises(AuthError) as info:
+            await c.list_instances()
+        assert "authentication failed" in str(info.value)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
 import socket
 import threading
+import time
 
-from etcdisco import Client, EventType, RegistrationState, Status
+import pytest
+
+from etcdisco import Client, ClosedError, EtcdTimeoutError, EventType, RegistrationState, Status
 from etcdisco.health import CheckResult, TcpCheck
 
 
@@ -70,3 +75,55 @@ def test_sync_registration_reports_health_on_the_dispatcher(etcd) -> None:
         statuses = [ev.instance.status if ev else None for ev in events]
         assert statuses == [Status.UP, Status.UNHEALTHY], statuses
         assert cache.suspects() == ()
+
+
+def test_sync_keeps_the_cores_error_messages(etcd) -> None:
+    with Client(etcd.endpoint, timeout=1.0) as c:
+        etcd.pause()
+        try:
+            with pytest.raises(EtcdTimeoutError) as info:
+                c.list_instances()
+        finally:
+            etcd.resume()
+        assert "etcd call timed out" in str(info.value), str(info.value)
+        assert etcd.endpoint in str(info.value)
+
+
+def test_calls_on_a_closed_client_raise_closed_error(etcd) -> None:
+    c = Client(etcd.endpoint)
+    cache = c.discover("echo")
+    c.close()
+    for call in (c.list_instances, lambda: c.register("echo", "127.0.0.1:8002"), cache.close):
+        with pytest.raises(ClosedError):
+            call()
+
+
+def test_a_forked_child_fails_at_once(etcd) -> None:
+    """The loop thread does not survive fork(): a call in the child must say so
+    instead of waiting forever for a loop that is not running."""
+    with Client(etcd.endpoint) as c:
+        c.list_instances()
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what the call did, then leave at once
+            code = 1
+            try:
+                c.list_instances()
+            except ClosedError as exc:
+                os.write(write_end, str(exc).encode())
+                code = 0
+            except BaseException as exc:
+                os.write(write_end, repr(exc).encode())
+            os._exit(code)
+        os.close(write_end)
+        deadline = time.monotonic() + 10
+        while (status := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError("a call in the forked child hung")
+            time.sleep(0.05)
+        said = os.read(read_end, 4096).decode()
+        os.close(read_end)
+        assert os.waitstatus_to_exitcode(status[1]) == 0, said
+        assert "fork" in said

@@ -1,5 +1,5 @@
-"""``python -m tests.soak --duration SECONDS [--seed N] [--etcd PATH]``: exit 0 only
-when no invariant was violated."""
+"""``python -m tests.soak --duration SECONDS [--seed N] [--etcd PATH] [--auth]
+[--kinds K,K]``: exit 0 only when no invariant was violated."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 
 from etcdisco._local_etcd import find_etcd_binaries
 
+from ._faults import FAULT_KINDS
 from ._report import render
 from ._run import Options, Soak
 
@@ -51,10 +52,34 @@ def main() -> None:
         help="etcd binary, or a version found on this machine such as 3.4 (default: newest)",
     )
     parser.add_argument("--ttl", type=int, default=3, help="instance lease TTL in seconds")
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="etcd auth on: children as least-privilege users (README), the supervisor as root",
+    )
+    parser.add_argument(
+        "--kinds",
+        default=None,
+        help="only these fault kinds, comma-separated, in this order first (for debugging); "
+        f"of: {', '.join(FAULT_KINDS)}",
+    )
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     etcd = _etcd_binary(args.etcd, parser) if args.etcd else None
-    options = Options(duration=args.duration, seed=seed, etcd=etcd, ttl=args.ttl)
+    kinds = None
+    if args.kinds:
+        kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+        unknown = sorted(set(kinds) - set(FAULT_KINDS))
+        if unknown or not kinds:
+            parser.error(f"--kinds: unknown {', '.join(unknown) or '(none given)'}")
+    options = Options(
+        duration=args.duration,
+        seed=seed,
+        etcd=etcd,
+        ttl=args.ttl,
+        auth=args.auth,
+        kinds=kinds,
+    )
     try:
         code = asyncio.run(_main(options))
     except KeyboardInterrupt:

@@ -29,10 +29,18 @@ class Child:
     flight, and a reply that arrives after its request timed out is skipped by id.
     """
 
-    def __init__(self, name: str, kind: str, args: list[str], log_dir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        args: list[str],
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.kind = kind
         self._args = args
+        self._env = {**os.environ, **env} if env else None
         self.log_path = log_dir / f"{name}.log"
         self.proc: asyncio.subprocess.Process | None = None
         self.paused = False
@@ -40,6 +48,7 @@ class Child:
         # True from the moment we kill or stop it: its exit is then no finding.
         self.expected_exit = False
         self.starts = 0
+        self.ready_reply: dict[str, Any] = {}
         self._lock = asyncio.Lock()
         self._next_id = 0
 
@@ -84,16 +93,19 @@ class Child:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
                 cwd=_REPO,
+                env=self._env,
                 limit=1 << 20,
             )
         self.paused = False
         self.expected_exit = False
         self._next_id = 0
-        await self._reply(0, "ready", timeout)
+        self.ready_reply = await self._reply(0, "ready", timeout)
         self.ready = True
         self.starts += 1
 
-    async def request(self, cmd: str, timeout: float) -> dict[str, Any]:
+    async def request(
+        self, cmd: str, timeout: float, args: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         async with self._lock:
             if self.paused:
                 raise ChildPaused(f"{self.name} is paused")
@@ -101,7 +113,8 @@ class Child:
             assert proc.stdin is not None
             self._next_id += 1
             request_id = self._next_id
-            proc.stdin.write(json.dumps({"id": request_id, "cmd": cmd}).encode() + b"\n")
+            message = {"id": request_id, "cmd": cmd, "args": args or {}}
+            proc.stdin.write(json.dumps(message).encode() + b"\n")
             try:
                 await proc.stdin.drain()
             except (BrokenPipeError, ConnectionResetError) as exc:

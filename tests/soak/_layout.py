@@ -9,6 +9,7 @@ must follow etcd exactly, and a suspect at a convergence point is a finding.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 SERVICES = ("alpha", "beta", "gamma", "delta")
 INSTANCE_PROCESSES = 5
@@ -49,3 +50,13 @@ def instances_of(process: int) -> tuple[InstanceSpec, ...]:
 
 def all_keys() -> frozenset[str]:
     return frozenset(spec.key for p in range(INSTANCE_PROCESSES) for spec in instances_of(p))
+
+
+def initial_metadata(spec: InstanceSpec, process: int) -> dict[str, Any]:
+    """What an instance registers with (and re-registers with after a restart)."""
+    return {"zone": spec.zone, "process": process}
+
+
+def service_prefixes() -> tuple[str, ...]:
+    """The key prefixes the soak's registrant user may write (with ``--auth``)."""
+    return tuple(f"{PREFIX}/{service}/" for service in SERVICES)

@@ -9,6 +9,10 @@ from pathlib import Path
 
 from ._faults import FAULT_KINDS, VANISH_MARGIN, FaultRecord
 from ._invariants import INVARIANTS, Ledger
+from ._ops import Operation
+
+# Operations listed one by one in the report (all are counted).
+_OPERATIONS_LISTED = 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +38,8 @@ class Results:
     faults: list[FaultRecord]
     log_dir: Path
     leak_slack: dict[str, int]
+    auth: bool = False
+    operations: list[Operation] = dataclasses.field(default_factory=list)
     etcd_version: str = "?"
     etcd_binary: str = "?"
     wall_seconds: float = 0.0
@@ -45,6 +51,7 @@ class Results:
     leases_start: int | None = None
     leases_end: int | None = None
     live_instance_processes: int | None = None
+    expiry_protections: int | None = None
     aborted: str | None = None
     kept_logs: bool = False
 
@@ -91,6 +98,17 @@ def _fault_lines(results: Results) -> list[str]:
                 f"keys gone (etcd + caches) median/max {_seconds(vanish)}, "
                 f"bound ttl + {VANISH_MARGIN:.0f}s"
             )
+        if kind in ("member_stall", "partition") and records:
+            leaders = sum("(the leader" in r.detail for r in records)
+            streams = sum("streams)" in r.detail for r in records)
+            regrants = sum(r.facts.get("leases_changed", 0) > 0 for r in records)
+            notes.append(
+                f"{leaders} of the leader, {streams} of a member carrying an instance's or "
+                f"watcher's streams; some process took a new lease during {regrants}"
+            )
+        if kind in ("outage_ops", "overlap") and records:
+            variants = collections.Counter(r.variant for r in records)
+            notes.append(", ".join(f"{v} {n}" for v, n in sorted(variants.items())))
         lines.append(
             f"  {kind:<16}{len(records):>6}  {len(times):>10}  {_seconds(times):>17}  "
             + "; ".join(notes)
@@ -112,6 +130,21 @@ def _invariant_lines(results: Results) -> list[str]:
     for name in INVARIANTS:
         for violation in ledger.first.get(name, []):
             lines.append(f"  ! {name} at {violation.at:.1f}s: {violation.detail}")
+    return lines
+
+
+def _operation_lines(results: Results) -> list[str]:
+    operations = results.operations
+    counts = collections.Counter(f"{o.op} {o.outcome}" for o in operations)
+    lines = [
+        f"Operations ({len(operations)}; issued during outages, and re-registrations after): "
+        + (", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none")
+    ]
+    began = results.ledger.began
+    for operation in operations[:_OPERATIONS_LISTED]:
+        lines.append(f"  {operation.describe(began)}")
+    if len(operations) > _OPERATIONS_LISTED:
+        lines.append(f"  ... {len(operations) - _OPERATIONS_LISTED} more")
     return lines
 
 
@@ -139,6 +172,11 @@ def _leak_lines(results: Results) -> list[str]:
         f" after warm-up -> {results.leases_end if results.leases_end is not None else '-'}"
         f" at the end ({results.live_instance_processes or '-'} live instance processes)"
     )
+    protections = results.expiry_protections
+    lines.append(
+        "  mass-expiry protections triggered (sum over caches): "
+        f"{'-' if protections is None else protections}"
+    )
     return lines
 
 
@@ -146,13 +184,16 @@ def render(results: Results) -> str:
     lines = [
         "",
         "==== etcdisco soak report",
-        f"etcd {results.etcd_version} ({results.etcd_binary}), 3 members",
+        f"etcd {results.etcd_version} ({results.etcd_binary}), 3 members"
+        + (", auth on (children as least-privilege users)" if results.auth else ""),
         f"duration {results.duration:.0f}s of faults, {results.wall_seconds:.0f}s in all; "
         f"seed {results.seed}; ttl {results.ttl}s",
         "",
         *_fault_lines(results),
         "",
         *_invariant_lines(results),
+        "",
+        *_operation_lines(results),
         "",
         *_leak_lines(results),
         "",

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import random
+import secrets
 import shutil
 import tempfile
 import time
@@ -14,24 +15,35 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from etcdisco import EtcdError
-from etcdisco._local_etcd import LocalEtcdCluster, LocalEtcdError
+from etcdisco import EtcdError, ExpiryProtection
+from etcdisco._local_etcd import Credentials, LocalEtcdCluster, LocalEtcdError
 
 from ._children import Child, ChildError, ChildPaused
 from ._etcd_view import EtcdView, Registry
-from ._faults import FaultInjector, process_index
+from ._faults import ALL_CLOCKS, FaultInjector, process_index
 from ._invariants import (
     Ledger,
     Persistence,
     all_duplicate_problems,
     cache_mismatches,
     convergence_problems,
+    held_suspect,
     lease_problems,
+    metadata_mismatches,
     registry_mismatches,
     stranger_problems,
+    synced_mismatches,
 )
-from ._layout import INSTANCE_PROCESSES, WATCHER_PROCESSES, instances_of
+from ._layout import (
+    INSTANCE_PROCESSES,
+    PREFIX,
+    WATCHER_PROCESSES,
+    instances_of,
+    service_prefixes,
+)
+from ._ops import OpsBook
 from ._report import LeakRow, Results
+from ._workers import PASSWORD_ENV
 
 # What a child may grow by between its baseline and the end without it counting as a
 # leak. After failovers a child's gRPC channels may be connected to every etcd member
@@ -42,7 +54,13 @@ CHILD_START_TIMEOUT = 60.0
 CHILD_ANSWER_TIMEOUT = 10.0
 SAMPLE_EVERY = 0.5
 # The whole soak (setup to graceful stop) gets the duration plus this; teardown after.
-TIME_BUDGET_MARGIN = 60.0
+# A fault that starts just before the end and then waits out its bounds, and the final
+# checks after it, can take this long when the library misbehaves.
+TIME_BUDGET_MARGIN = 120.0
+# With --auth (README, "Least privilege"): registrants may write their services' keys
+# only, watchers may read the registry only; the supervisor is root.
+REGISTRANT_USER = "soak-registrant"
+READER_USER = "soak-reader"
 
 
 class SoakAborted(Exception):
@@ -55,6 +73,8 @@ class Options:
     seed: int
     etcd: str | None = None
     ttl: int = 3
+    auth: bool = False
+    kinds: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -77,10 +97,13 @@ class Soak:
         self.view: EtcdView
         self.instances: list[Child] = []
         self.watchers: list[Child] = []
-        self.injector = FaultInjector(self, self.rng)
+        self.ops = OpsBook(self.ledger, self.bound, self.began)
+        self.injector = FaultInjector(self, self.rng, options.kinds, options.auth)
         self.baselines: dict[str, dict[str, int]] = {}
-        self._presence = Persistence(self.bound)
-        self._caches = Persistence(self.bound)
+        # The sampled promises: a difference may come and go while faults play out,
+        # one that lasts longer than the bound is a violation (see Persistence).
+        self.clocks = {name: Persistence(self.bound) for name in ALL_CLOCKS}
+        self.clocks["held_suspects"] = Persistence(ExpiryProtection().hold + self.bound)
         self.results = Results(
             duration=options.duration,
             seed=options.seed,
@@ -90,6 +113,8 @@ class Soak:
             faults=self.injector.records,
             log_dir=self.log_dir,
             leak_slack=LEAK_SLACK,
+            auth=options.auth,
+            operations=self.ops.operations,
         )
 
     @property
@@ -141,7 +166,8 @@ class Soak:
 
     async def _setup(self) -> None:
         try:
-            self.cluster = LocalEtcdCluster(3, binary=self.options.etcd)
+            # Peer proxies make partitions possible (see LocalEtcdCluster.partition).
+            self.cluster = LocalEtcdCluster(3, binary=self.options.etcd, peer_proxies=True)
         except LocalEtcdError as exc:
             raise SoakAborted(f"no etcd to run: {exc}") from None
         self.results.etcd_version = self.cluster.version
@@ -151,23 +177,35 @@ class Soak:
             await asyncio.to_thread(self.cluster.start)
         except LocalEtcdError as exc:
             raise SoakAborted(f"the etcd cluster did not start: {exc}") from None
-        self.view = EtcdView(self.cluster)
+        root: Credentials | None = None
+        users: dict[str, tuple[list[str], dict[str, str]]] = {
+            "instance": ([], {}),
+            "watcher": ([], {}),
+        }
+        if self.options.auth:
+            root, users = await asyncio.to_thread(self._setup_auth)
+            self.note(f"auth on: children run as {REGISTRANT_USER} / {READER_USER}")
+        self.view = EtcdView(self.cluster, root)
         endpoints = ",".join(self.cluster.endpoints)
+        args, env = users["instance"]
         self.instances = [
             Child(
                 f"instance{p}",
                 "instance",
-                ["--endpoints", endpoints, "--ttl", str(self.ttl), "--process", str(p)],
+                ["--endpoints", endpoints, "--ttl", str(self.ttl), "--process", str(p), *args],
                 self.log_dir,
+                env,
             )
             for p in range(INSTANCE_PROCESSES)
         ]
+        args, env = users["watcher"]
         self.watchers = [
             Child(
                 f"watcher{w}",
                 "watcher",
-                ["--endpoints", endpoints, "--name", f"watcher{w}"],
+                ["--endpoints", endpoints, "--name", f"watcher{w}", *args],
                 self.log_dir,
+                env,
             )
             for w in range(WATCHER_PROCESSES)
         ]
@@ -178,6 +216,31 @@ class Soak:
         )
         await asyncio.gather(*(self.start_child(c) for c in self.children))
 
+    def _setup_auth(self) -> tuple[Credentials, dict[str, tuple[list[str], dict[str, str]]]]:
+        """Root for the supervisor; the README's least-privilege roles for the children."""
+        cluster = self.cluster
+        root = cluster.enable_auth(secrets.token_urlsafe(12))
+        passwords = {user: secrets.token_urlsafe(12) for user in (REGISTRANT_USER, READER_USER)}
+        grants = {
+            REGISTRANT_USER: [("readwrite", prefix) for prefix in service_prefixes()],
+            READER_USER: [("read", PREFIX + "/")],
+        }
+        for user, permissions in grants.items():
+            cluster.etcdctl("role", "add", user)
+            for permission, prefix in permissions:
+                cluster.etcdctl(
+                    "role", "grant-permission", user, permission, prefix, "--prefix=true"
+                )
+            cluster.etcdctl(
+                "user", "add", user, f"--new-user-password={passwords[user]}",
+                "--interactive=false",
+            )  # fmt: skip
+            cluster.etcdctl("user", "grant-role", user, user)
+        return root, {
+            kind: (["--user", user], {PASSWORD_ENV: passwords[user]})
+            for kind, user in (("instance", REGISTRANT_USER), ("watcher", READER_USER))
+        }
+
     async def start_child(self, child: Child) -> None:
         self.baselines.pop(child.name, None)
         try:
@@ -185,6 +248,17 @@ class Soak:
         except ChildError as exc:
             self.ledger.fail("children_alive", f"{child.name} did not start: {exc}")
             raise SoakAborted(f"{child.name} did not start") from None
+        # Started at all only because the worker tried again: a register raised while
+        # etcd was up (a start happens with quorum, after any outage has healed).
+        failures = child.ready_reply.get("failures") or []
+        if failures:
+            self.ledger.fail(
+                "ops_finish",
+                f"{child.name} start: register raised {len(failures)} time(s) before it "
+                f"worked: " + "; ".join(failures[:3]),
+            )
+        elif child.kind == "instance":
+            self.ledger.ok("ops_finish")
 
     async def _warm_up(self) -> None:
         took = await self.converge("warm-up: every instance registered and cached", 60.0)
@@ -202,13 +276,27 @@ class Soak:
         while True:
             # Quiet time between faults, for the sampler to look at a healthy system.
             await asyncio.sleep(self.rng.uniform(0.5, 2.0))
-            if time.monotonic() >= deadline:
+            await self._register_withdrawn()
+            kind = self.injector.next_kind(deadline - time.monotonic())
+            if kind is None:
                 return
             await self._take_missing_baselines()
             try:
-                await self.injector.inject(self.injector.next_kind())
+                await self.injector.inject(kind)
             except LocalEtcdError as exc:
                 raise SoakAborted(f"etcd member could not be restarted: {exc}") from None
+
+    async def _register_withdrawn(self) -> None:
+        """Deregistered keys whose absence has been checked join the fleet again."""
+        children = {c.name: c for c in self.instances}
+        operations = []
+        for withdrawal in self.ops.due():
+            child = self.instances[withdrawal.process]
+            if child.live:
+                operations.append(await self.ops.register_again(withdrawal, child))
+        if operations:
+            self.note(f"registering {len(operations)} deregistered key(s) again")
+            await self.ops.wait(children, operations, time.monotonic() + 15.0)
 
     async def _final_checks(self) -> None:
         self.note("final checks")
@@ -216,11 +304,31 @@ class Soak:
         # Leases of crashed processes count down their TTL; keepalives go on meanwhile.
         await asyncio.sleep(self.ttl + 1.0)
         converged = await self.converge("final state", self.bound) is not None
+        snapshots = (await self._ask_all())[1]
+        self.results.expiry_protections = sum(
+            int(s["expiry_protections"]) for s in snapshots.values()
+        )
+        await self._wait_withdrawals_checked()
+        self.ops.check_finished(time.monotonic())
         await self._check_leaks()
         # Waiting for etcd to settle only makes sense when the fleet did: otherwise one
         # look is enough, and the run ends sooner.
         await self._check_watch_streams(15.0 if converged else 0.0)
         await self._check_leases(2 * self.ttl + 5.0 if converged else 0.0)
+
+    async def _wait_withdrawals_checked(self) -> None:
+        """The last faults' deregistrations have deadlines too: let the sampler look
+        past them (bounded by their deadlines, which the bound caps)."""
+        pending = [w for w in self.ops.withdrawals.values() if not w.checked]
+        deadlines = [w.deadline for w in pending if w.deadline is not None]
+        if not deadlines:
+            return
+        until = max(deadlines) + 2 * SAMPLE_EVERY + 1.0
+        while any(not w.checked for w in pending) and time.monotonic() < until:
+            self.ops.looked.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(until - time.monotonic()):
+                    await self.ops.looked.wait()
 
     async def _graceful_stop(self) -> None:
         self.note("SIGTERM to every child")
@@ -289,6 +397,10 @@ class Soak:
     async def _observe(self) -> Observation:
         self._check_children()
         registry = await self.view.registry()
+        statuses, snapshots = await self._ask_all()
+        return Observation(registry, statuses, snapshots)
+
+    async def _ask_all(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
         live = [c for c in self.children if c.live]
         replies = await asyncio.gather(*(self._ask(c) for c in live))
         statuses: dict[str, dict[str, Any]] = {}
@@ -296,20 +408,28 @@ class Soak:
         for child, reply in zip(live, replies, strict=True):
             if reply is not None:
                 (statuses if child.kind == "instance" else snapshots)[child.name] = reply
-        return Observation(registry, statuses, snapshots)
+        for name, status in statuses.items():
+            self.ops.absorb(name, status["ops"])
+        return statuses, snapshots
+
+    async def statuses(self) -> dict[str, dict[str, Any]]:
+        """What every live instance process reports now."""
+        return (await self._ask_all())[0]
 
     def expected_keys(self) -> set[str]:
+        """The keys etcd must hold: every live process's, less the withdrawn ones."""
         return {
             spec.key
             for child in self.instances
             if child.live
             for spec in instances_of(process_index(child))
-        }
+        } - self.ops.withdrawn_keys()
 
     async def _sample_forever(self) -> None:
         while True:
             await asyncio.sleep(SAMPLE_EVERY)
             expected = self.expected_keys()
+            read_started = time.monotonic()
             try:
                 obs = await self._observe()
             except EtcdError:
@@ -318,24 +438,47 @@ class Soak:
             # A process stopped or killed meanwhile is not held to its keys.
             expected &= self.expected_keys()
             self.results.samples += 1
-            self.ledger.check("lease_bound", lease_problems(obs.registry, obs.snapshots))
-            self.ledger.check(
-                "unique_instances", all_duplicate_problems(obs.registry, obs.snapshots)
-            )
-            self.ledger.check("known_keys", stranger_problems(obs.registry))
-            now = time.monotonic()
-            self.ledger.check(
-                "presence",
-                self._presence.update(now, registry_mismatches(obs.registry, expected)),
-            )
-            # A stopped watcher answers nothing: its episodes start again once it is back.
-            for watcher in self.watchers:
-                if watcher.name not in obs.snapshots:
-                    self._caches.forget(f"{watcher.name} ")
-            self.ledger.check(
-                "caches_follow",
-                self._caches.update(now, cache_mismatches(obs.registry, obs.snapshots)),
-            )
+            self._sample_checks(obs, expected, read_started)
+
+    def _sample_checks(self, obs: Observation, expected: set[str], read_started: float) -> None:
+        self.ledger.check("lease_bound", lease_problems(obs.registry, obs.snapshots))
+        self.ledger.check("unique_instances", all_duplicate_problems(obs.registry, obs.snapshots))
+        self.ledger.check("known_keys", stranger_problems(obs.registry))
+        self.ops.check_gone(obs.registry, read_started)
+        self.ops.check_finished(time.monotonic())
+        now = time.monotonic()
+        withdrawn = self.ops.withdrawn_keys()
+        clocks = self.clocks
+        self.ledger.check(
+            "presence",
+            clocks["presence"].update(now, registry_mismatches(obs.registry, expected, withdrawn)),
+        )
+        # A stopped watcher answers nothing: its episodes start again once it is back.
+        for watcher in self.watchers:
+            if watcher.name not in obs.snapshots:
+                for name in ("caches_follow", "held_suspects", "synced_truthful"):
+                    clocks[name].forget(f"{watcher.name} ")
+        mismatches = cache_mismatches(obs.registry, obs.snapshots)
+        suspects = {i: t for i, t in mismatches.items() if held_suspect(i)}
+        others = {i: t for i, t in mismatches.items() if not held_suspect(i)}
+        self.ledger.check(
+            "caches_follow",
+            clocks["caches_follow"].update(now, others)
+            + clocks["held_suspects"].update(now, suspects),
+        )
+        self.ledger.check(
+            "synced_truthful",
+            clocks["synced_truthful"].update(now, synced_mismatches(obs.registry, obs.snapshots)),
+        )
+        # A process stopped meanwhile reports nothing; its episodes start over.
+        for child in self.instances:
+            if child.name not in obs.statuses:
+                for spec in instances_of(process_index(child)):
+                    clocks["metadata_matches"].forget(f"meta {spec.key}")
+        self.ledger.check(
+            "metadata_matches",
+            clocks["metadata_matches"].update(now, metadata_mismatches(obs.registry, obs.statuses)),
+        )
 
     async def converge(self, what: str, bound: float) -> float | None:
         """Poll until etcd, registrations and caches agree on the live fleet; the
@@ -345,7 +488,9 @@ class Soak:
             expected = self.expected_keys()
             try:
                 obs = await self._observe()
-                problems = convergence_problems(obs.registry, expected, obs.statuses, obs.snapshots)
+                problems = convergence_problems(
+                    obs.registry, expected, obs.statuses, obs.snapshots, self.ops.withdrawn_keys()
+                )
             except EtcdError as exc:
                 problems = [f"etcd read failed: {exc}"]
             took = time.monotonic() - began

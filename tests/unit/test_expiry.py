@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from etcdisco import ConfigError, EventType, Instance, RoundRobin
-from etcdisco._expiry import ExpiryGuard, ExpiryProtection
+from etcdisco._expiry import ExpiryGuard, ExpiryProtection, InstanceTable
 from etcdisco._model import usable
 
 
@@ -22,8 +22,8 @@ def inst(n: int, service: str = "echo", status: str | None = None) -> Instance:
     return Instance(service, f"i{n}", f"127.0.0.1:{9000 + n}", meta, f"s/{service}/i{n}", n)
 
 
-def fleet(n: int, service: str = "echo") -> dict[str, Instance]:
-    return {i.key: i for i in (inst(k, service) for k in range(n))}
+def fleet(n: int, service: str = "echo") -> InstanceTable:
+    return InstanceTable({i.key: i for i in (inst(k, service) for k in range(n))})
 
 
 def test_one_crash_in_four_is_removed() -> None:
@@ -75,7 +75,7 @@ def test_losses_outside_the_window_do_not_add_up() -> None:
 
 def test_announced_departures_never_count() -> None:
     guard = ExpiryGuard(ExpiryProtection(), Clock())
-    view = {i.key: i for i in (inst(k, status="draining") for k in range(4))}
+    view = InstanceTable({i.key: i for i in (inst(k, status="draining") for k in range(4))})
     for key in list(view):
         assert [e.type for e in guard.deleted(view[key], view)] == [EventType.REMOVED]
     assert guard.engagements == 0 and not view
@@ -98,7 +98,7 @@ def test_relist_keeps_suspects_it_does_not_show() -> None:
     guard, view = ExpiryGuard(ExpiryProtection(), Clock()), fleet(2)
     for key in list(view):
         guard.deleted(view[key], view)
-    fresh = {"s/echo/i1": inst(1)}
+    fresh = InstanceTable({"s/echo/i1": inst(1)})
     guard.carry(fresh)
     assert fresh["s/echo/i0"].suspect and not fresh["s/echo/i1"].suspect
     assert [i.id for i in guard.suspects] == ["i0"]
@@ -106,7 +106,7 @@ def test_relist_keeps_suspects_it_does_not_show() -> None:
 
 def test_services_are_counted_apart() -> None:
     guard = ExpiryGuard(ExpiryProtection(), Clock())
-    view = {**fleet(2, "a"), **fleet(8, "b")}
+    view = InstanceTable({**fleet(2, "a"), **fleet(8, "b")})
     guard.deleted(view["s/a/i0"], view)
     assert guard.engagements == 0  # 1 of 2 is not more than half
     guard.deleted(view["s/a/i1"], view)
@@ -135,3 +135,60 @@ def test_pickers_use_suspects_only_when_nothing_live_is_left() -> None:
 def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         ExpiryProtection(**kwargs)  # type: ignore[arg-type]
+
+
+class ScanCounter(InstanceTable):
+    """A table that counts whole-table scans, which a deletion must never need."""
+
+    scans = 0
+
+    def values(self):  # type: ignore[no-untyped-def]
+        self.scans += 1
+        return super().values()
+
+    def items(self):  # type: ignore[no-untyped-def]
+        self.scans += 1
+        return super().items()
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        self.scans += 1
+        return super().__iter__()
+
+
+def test_a_mass_expiry_never_scans_the_table() -> None:
+    """20,000 instances, 14,000 deleted in one burst: each deletion is judged from
+    counts, not by walking the table (which made one batch block a loop for seconds)."""
+    clock = Clock()
+    guard = ExpiryGuard(ExpiryProtection(), clock)
+    view = ScanCounter(
+        {i.key: i for s in range(200) for i in (inst(k, f"svc{s}") for k in range(100))}
+    )
+    doomed = [key for key in list(dict.keys(view)) if int(key.rsplit("i", 1)[1]) < 70]
+    events = []
+    for key in doomed:
+        events += guard.deleted(view[key], view)
+        clock.now += 0.0001
+    assert view.scans == 0
+    # 70 of 100 per service went: each service engaged once, all 70 held as suspects.
+    assert guard.engagements == 200
+    assert sum(1 for i in dict.values(view) if i.suspect) == 14_000
+    # Deadlines come out oldest first: svc0 engaged first, so its suspects go first.
+    first = guard.next_deadline()
+    assert first is not None
+    clock.now = first
+    early = guard.expire(view)
+    assert {e.instance.service for e in early} == {"svc0"}
+    clock.now += 3600
+    gone = guard.expire(view)
+    assert len(early) + len(gone) == 14_000 and view.scans == 0 and len(view) == 6_000
+
+
+def test_live_counts_follow_every_change() -> None:
+    view = fleet(3)
+    assert view.live("echo") == 3
+    view["s/echo/i0"] = Instance("echo", "i0", "127.0.0.1:9000", {}, "s/echo/i0", 0, 0, True)
+    assert view.live("echo") == 2
+    del view["s/echo/i1"]
+    assert view.live("echo") == 1 and view.live("other") == 0
+    with pytest.raises(TypeError):
+        view.pop("s/echo/i2")

@@ -28,6 +28,7 @@ from .._errors import (
     LeaseNotFoundError,
     UnavailableError,
 )
+from .._tasks import cancelling
 from ._config import EtcdConfig
 from ._proto import rpc_pb2, rpc_pb2_grpc
 
@@ -91,6 +92,8 @@ class Connection:
         self._current = 0
         self._token: str | None = None
         self._token_lock = asyncio.Lock()
+        self.authentications = 0
+        """How many times a token was obtained (a climbing count means re-auth churn)."""
         self._state = ConnectionState.IDLE
         self._listeners: list[StateListener] = []
         credentials: grpc.ChannelCredentials | None = None
@@ -109,6 +112,10 @@ class Connection:
     @property
     def state(self) -> ConnectionState:
         return self._state
+
+    @property
+    def closed(self) -> bool:
+        return self._state is ConnectionState.CLOSED
 
     def add_listener(self, listener: StateListener) -> None:
         self._listeners.append(listener)
@@ -152,15 +159,18 @@ class Connection:
 
     # -- auth --------------------------------------------------------------------
 
-    async def _metadata(self, endpoint: _Endpoint, deadline: float) -> list[tuple[str, str]]:
+    async def _metadata(self, endpoint: _Endpoint, timeout: float) -> list[tuple[str, str]]:
+        """Call metadata for ``endpoint``, authenticating on it first when no token is
+        held. Raises grpc's own error, so that the caller's failover treats a member
+        that cannot authenticate like one that cannot serve the call."""
         if self.config.username is None:
             return []
         if self._token is None:
-            await self._authenticate(endpoint, deadline)
+            await self._authenticate(endpoint, timeout)
         assert self._token is not None
         return [("token", self._token)]
 
-    async def _authenticate(self, endpoint: _Endpoint, deadline: float) -> None:
+    async def _authenticate(self, endpoint: _Endpoint, timeout: float) -> None:
         stale = self._token
         async with self._token_lock:
             if self._token is not None and self._token != stale:
@@ -168,12 +178,8 @@ class Connection:
             request = rpc_pb2.AuthenticateRequest(
                 name=self.config.username or "", password=self.config.password or ""
             )
-            try:
-                response = await endpoint.auth.Authenticate(
-                    request, timeout=max(deadline - time.monotonic(), 0.05)
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise map_error(exc, self.endpoint_addresses) from None
+            response = await endpoint.auth.Authenticate(request, timeout=max(timeout, 0.05))
+            self.authentications += 1
             self._token = response.token
 
     def _invalidate_token(self, token: str | None) -> None:
@@ -190,6 +196,23 @@ class Connection:
         timeout: float | None = None,
     ) -> T:
         """Run one unary call with failover, re-authentication and a deadline."""
+
+        async def attempt(endpoint: _Endpoint, attempt_timeout: float) -> T:
+            metadata = await self._metadata(endpoint, attempt_timeout)
+            return await method(endpoint)(
+                request, timeout=attempt_timeout, metadata=metadata or None
+            )
+
+        return await self._failover(attempt, timeout)
+
+    async def _failover(
+        self, attempt: Callable[[_Endpoint, float], Awaitable[T]], timeout: float | None
+    ) -> T:
+        """Run ``attempt(endpoint, attempt_timeout)`` on one endpoint after another
+        until one answers or the deadline passes: another endpoint after UNAVAILABLE
+        (or, with spares, a deadline: a stalled member answers nothing), a fresh token
+        after "invalid auth token". Authentication happens inside the attempt, so a
+        dead or stalled member never locks a client out while another one answers."""
         if self._state is ConnectionState.CLOSED:
             raise ClosedError("etcd client is closed")
         budget = self.config.timeout if timeout is None else timeout
@@ -197,26 +220,34 @@ class Connection:
         attempts = 0
         reauthenticated = False
         last_error: grpc.aio.AioRpcError | None = None
+        tried: list[str] = []
         n = len(self._endpoints)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             endpoint = self._pick()
+            if endpoint.address not in tried:
+                tried.append(endpoint.address)
             # With spare endpoints, do not spend the whole budget on one that hangs.
             attempt_timeout = remaining if n == 1 else max(min(remaining, 1.0), remaining / 2)
-            metadata = await self._metadata(endpoint, deadline)
-            token = metadata[0][1] if metadata else None
+            token = self._token
             try:
-                result = await method(endpoint)(
-                    request, timeout=attempt_timeout, metadata=metadata or None
-                )
+                result = await attempt(endpoint, attempt_timeout)
+            except asyncio.CancelledError:
+                if cancelling():
+                    raise
+                # The call was cancelled under us: its channel closed (close()).
+                if self.closed:
+                    raise ClosedError("etcd client is closed") from None
+                raise UnavailableError("etcd call was cancelled", tuple(tried)) from None
             except grpc.aio.AioRpcError as exc:
                 last_error = exc
                 code = exc.code()
                 if _is_invalid_token(exc) and not reauthenticated:
                     reauthenticated = True
-                    self._invalidate_token(token)
+                    # None before the attempt: the attempt itself authenticated.
+                    self._invalidate_token(token if token is not None else self._token)
                     continue
                 if code in _RETRY_ON_ANOTHER_ENDPOINT or (
                     code == grpc.StatusCode.DEADLINE_EXCEEDED and n > 1
@@ -226,25 +257,31 @@ class Connection:
                     if attempts % n == 0:
                         self.note_failure()
                         # A whole round failed: wait a little before the next round.
-                        await asyncio.sleep(min(0.05 * attempts, 0.5, remaining))
+                        await asyncio.sleep(min(0.05 * attempts, 0.5, max(remaining, 0.0)))
                     continue
                 if code not in (grpc.StatusCode.DEADLINE_EXCEEDED,):
                     self.note_success()  # etcd answered, even if with an error
-                raise map_error(exc, self.endpoint_addresses) from None
+                raise map_error(exc, tuple(tried)) from None
             self.note_success()
             return result
         self.note_failure()
         if last_error is None:
             raise EtcdTimeoutError(f"etcd call timed out after {budget:.1f}s")
-        raise map_error(last_error, self.endpoint_addresses, timed_out=True) from None
+        raise map_error(last_error, tuple(tried), timed_out=True) from None
 
-    async def stream_target(self) -> tuple[_Endpoint, list[tuple[str, str]]]:
-        """The endpoint and call metadata a new stream should use."""
-        if self._state is ConnectionState.CLOSED:
-            raise ClosedError("etcd client is closed")
-        endpoint = self._pick()
-        metadata = await self._metadata(endpoint, time.monotonic() + self.config.timeout)
-        return endpoint, metadata
+    async def stream_target(
+        self, timeout: float | None = None
+    ) -> tuple[_Endpoint, list[tuple[str, str]]]:
+        """The endpoint and call metadata a new stream should use: the current
+        endpoint, or the next one that can authenticate (with the same failover as a
+        unary call)."""
+
+        async def attempt(
+            endpoint: _Endpoint, attempt_timeout: float
+        ) -> tuple[_Endpoint, list[tuple[str, str]]]:
+            return endpoint, await self._metadata(endpoint, attempt_timeout)
+
+        return await self._failover(attempt, timeout)
 
     def stream_failed(
         self, endpoint: _Endpoint, exc: BaseException, token_used: str | None

@@ -42,6 +42,8 @@ class DeleteResult:
 class TxnResult:
     succeeded: bool
     revision: int
+    kvs: tuple[KeyValue, ...] = ()
+    """What the executed branch's ``Op.get`` operations read, in order."""
 
 
 @dataclass(frozen=True, slots=True)
