@@ -42,8 +42,8 @@ from typing import Any
 import grpc
 
 from etcdisco import AsyncClient, ChangeEvent, EventType, Status
-from etcdisco._local_etcd import LocalEtcd
 from etcdisco.discovery import ServiceCache
+from etcdisco.testing import LocalEtcd
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -24,8 +24,8 @@ from _common import command_line, load_average, write_section
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from etcdisco import AsyncClient, EventType, Status
-from etcdisco._local_etcd import LocalEtcd
 from etcdisco.health import GrpcCheck
+from etcdisco.testing import LocalEtcd
 
 # (interval s, fall, samples in a full run); the last is the library's default.
 SETTINGS = [(0.1, 2, 10), (1.0, 3, 5), (5.0, 3, 3)]

@@ -30,7 +30,7 @@ from pathlib import Path
 from _common import command_line, load_average, write_section
 
 from etcdisco import AsyncClient, EventType
-from etcdisco._local_etcd import LocalEtcd, LocalEtcdCluster
+from etcdisco.testing import LocalEtcd, LocalEtcdCluster
 
 TTL = 6
 

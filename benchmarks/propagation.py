@@ -44,8 +44,8 @@ from pathlib import Path
 from _common import command_line, load_average, pct, write_section
 
 from etcdisco import AsyncClient, EventType
-from etcdisco._local_etcd import LocalEtcd, _spawn_prefix
 from etcdisco.etcd import EtcdClient
+from etcdisco.testing import LocalEtcd, die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 WATCHER = Path(__file__).with_name("propagation_watcher.py")
@@ -119,7 +119,7 @@ class Fleet:
         log = self.log_dir / f"{name}.log"
         with log.open("wb") as err:
             proc = subprocess.Popen(
-                [*_spawn_prefix(), *argv],
+                die_with_parent(argv),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
@@ -346,7 +346,7 @@ async def crash_to_vanish(endpoint: str, ttl: int, samples: int) -> list[float]:
             address = f"127.0.0.1:{30000 + i}"
             argv = [sys.executable, "-m", "etcdisco", "--endpoints", endpoint]
             argv += ["register", service, address, "--ttl", str(ttl)]
-            proc = subprocess.Popen([*_spawn_prefix(), *argv], stdout=subprocess.DEVNULL)
+            proc = subprocess.Popen(die_with_parent(argv), stdout=subprocess.DEVNULL)
             try:
                 async with asyncio.timeout(30):
                     while not any(inst.address == address for inst in cache.instances()):

@@ -130,7 +130,7 @@ def stop_group(proc: subprocess.Popen[bytes]) -> None:
 def etcd_versions(outcomes: list[Outcome]) -> str:
     used = sorted({v for o in outcomes for v in re.findall(r"etcd (\d+\.\d+\.\d+)", o.section)})
     try:
-        from etcdisco._local_etcd import default_etcd_binary, etcd_version
+        from etcdisco.testing import default_etcd_binary, etcd_version
 
         default = f"etcd {etcd_version(default_etcd_binary())} (default binary)"
     except Exception as exc:  # the header must not cost the results

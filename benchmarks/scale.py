@@ -44,7 +44,7 @@ from typing import Any
 from _common import command_line, write_section
 
 from etcdisco import AsyncClient
-from etcdisco._local_etcd import LocalEtcd
+from etcdisco.testing import LocalEtcd
 
 # Generous bounds on each step so a wedged child fails the run with a message
 # instead of hanging it.

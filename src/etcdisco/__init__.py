@@ -6,6 +6,7 @@ values use etcd's own naming format, so Go services using etcd's resolver and Py
 services see each other.
 """
 
+from ._address import parse_address
 from ._async_client import AsyncClient
 from ._errors import (
     AuthError,
@@ -28,11 +29,12 @@ from ._model import (
     EventType,
     Instance,
     Status,
+    decode_instance,
     decode_value,
     encode_value,
-    parse_address,
     usable,
 )
+from ._settings import ClientSettings
 from .balancing import (
     BasePicker,
     Picker,
@@ -59,6 +61,7 @@ __all__ = [
     "CacheState",
     "ChangeEvent",
     "Client",
+    "ClientSettings",
     "ClosedError",
     "CompactedError",
     "ConfigError",
@@ -88,6 +91,7 @@ __all__ = [
     "WeightedRoundRobin",
     "ZoneAware",
     "__version__",
+    "decode_instance",
     "decode_value",
     "encode_value",
     "make_picker",

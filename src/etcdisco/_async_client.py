@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -15,11 +14,11 @@ from ._model import (
     Instance,
     decode_instance,
     service_prefix,
-    validate_prefix,
     validate_service_name,
 )
+from ._settings import ClientSettings, settings_from
 from .discovery import PrefixWatcher, ServiceCache
-from .etcd import EtcdClient, EtcdConfig, TlsConfig, parse_endpoints
+from .etcd import EtcdClient
 from .health import Check
 from .registry import (
     LeaseKeeper,
@@ -80,30 +79,28 @@ class AsyncClient:
         username: str | None = None,
         password: str | None = None,
         timeout: float = 5.0,
-        etcd: EtcdClient | None = None,
         expiry_protection: ExpiryProtection | None = DEFAULT_EXPIRY_PROTECTION,
+        settings: ClientSettings | None = None,
     ) -> None:
-        self.prefix = validate_prefix(prefix)
+        self.settings = settings_from(
+            endpoints,
+            prefix=prefix,
+            cacert=cacert,
+            cert=cert,
+            key=key,
+            username=username,
+            password=password,
+            timeout=timeout,
+            expiry_protection=expiry_protection,
+            settings=settings,
+        )
+        self.prefix = self.settings.prefix
         # None turns mass-expiry protection off for every cache of this client.
-        self.expiry_protection = expiry_protection
-        if etcd is None:
-            # Same default as the CLI: $ETCDISCO_ENDPOINTS, else 127.0.0.1:2379.
-            endpoints = endpoints or os.environ.get("ETCDISCO_ENDPOINTS") or None
-            tls = TlsConfig(ca=cacert, cert=cert, key=key) if (cacert or cert or key) else None
-            config = EtcdConfig(
-                endpoints=parse_endpoints(endpoints) if endpoints else EtcdConfig().endpoints,
-                tls=tls,
-                username=username,
-                password=password,
-                timeout=timeout,
-            )
-            etcd = EtcdClient(config=config)
-            self._owns_etcd = True
-        else:
-            self._owns_etcd = False
+        self.expiry_protection = self.settings.expiry_protection
+        etcd = EtcdClient(config=self.settings.etcd)
         self.etcd = etcd
         self._stream = etcd.keepalive_stream()
-        self._keepers: dict[int, LeaseKeeper] = {}
+        self._keepers: dict[int, LeaseKeeper[Registration]] = {}
         # Keys of this client's open registrations, whatever their TTL (a key in two
         # keepers would be two leases fighting over one key).
         self._claims: dict[str, Registration] = {}
@@ -225,6 +222,22 @@ class AsyncClient:
             del self._watchers[watcher.key_prefix]
 
     @property
+    def lease_keepers(self) -> tuple[LeaseKeeper[Registration], ...]:
+        """The leases this client keeps alive, one per TTL in use (read them, do not
+        drive them: metrics and readiness probes)."""
+        return tuple(self._keepers.values())
+
+    @property
+    def watchers(self) -> tuple[PrefixWatcher, ...]:
+        """The list + watch loops this client runs, one per watched prefix (read them,
+        do not drive them)."""
+        return tuple(self._watchers.values())
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def watch_count(self) -> int:
         """Watches this client holds open (one per distinct prefix)."""
         return len(self._watchers)
@@ -245,8 +258,7 @@ class AsyncClient:
         await asyncio.gather(*(w.stop() for w in list(self._watchers.values())))
         self._watchers.clear()
         await self._stream.close()
-        if self._owns_etcd:
-            await self.etcd.close()
+        await self.etcd.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self

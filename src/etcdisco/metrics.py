@@ -90,8 +90,8 @@ from prometheus_client import REGISTRY, start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
+from ._address import join_address
 from ._async_client import AsyncClient
-from ._model import join_address
 from .discovery import CacheState, PrefixWatcher
 from .etcd._connection import ConnectionState
 from .health import CheckResult
@@ -322,7 +322,7 @@ def _enum_samples(
 
 
 def _read_client(client: AsyncClient, now: float) -> list[Sample]:
-    if client._closed:
+    if client.closed:
         return []
     out: list[Sample] = []
     etcd = client.etcd
@@ -334,16 +334,16 @@ def _read_client(client: AsyncClient, now: float) -> list[Sample]:
             ConnectionState,
         )
     )
-    for keeper in tuple(client._keepers.values()):
+    for keeper in client.lease_keepers:
         out.extend(_read_keeper(keeper, now))
         for reg in keeper.registrations:
             out.extend(_read_registration(reg))
-    for watcher in tuple(client._watchers.values()):
+    for watcher in client.watchers:
         out.extend(_read_watcher(watcher, now))
     return out
 
 
-def _read_keeper(keeper: LeaseKeeper, now: float) -> Iterator[Sample]:
+def _read_keeper(keeper: LeaseKeeper[Registration], now: float) -> Iterator[Sample]:
     ttl = (str(keeper.ttl),)
     latency = keeper.last_keepalive_latency
     if latency is not None:

@@ -8,6 +8,7 @@ callback cannot stall keepalives or watches.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import queue
@@ -20,6 +21,7 @@ from ._async_client import AsyncClient
 from ._errors import ClosedError, EtcdTimeoutError
 from ._expiry import DEFAULT_EXPIRY_PROTECTION, ExpiryProtection
 from ._model import DEFAULT_PREFIX, ChangeEvent, Instance
+from ._settings import ClientSettings, settings_from
 from .discovery import CacheState, EventListener, ServiceCache
 from .health import Check, CheckResult
 from .registry import Registration, RegistrationState
@@ -110,6 +112,7 @@ class SyncRegistration:
     def __init__(self, client: Client, reg: Registration) -> None:
         self._client = client
         self._reg = reg
+        self._relays: dict[Callable[..., None], Callable[[Registration, Any], None]] = {}
 
     key = property(lambda self: self._reg.key)
     service = property(lambda self: self._reg.service)
@@ -160,11 +163,25 @@ class SyncRegistration:
     def withdrawn(self) -> bool:
         return self._reg.withdrawn
 
+    @property
+    def value(self) -> bytes:
+        return self._reg.value
+
     def add_listener(self, listener: Callable[[SyncRegistration, RegistrationState], None]) -> None:
+        """Like :meth:`Registration.add_listener`; called on the dispatcher thread."""
+
         def relay(_: Registration, state: RegistrationState) -> None:
             self._client._dispatch.submit(lambda: listener(self, state))
 
+        self._relays[listener] = relay
         self._client._call_in_loop(lambda: self._reg.add_listener(relay))
+
+    def remove_listener(
+        self, listener: Callable[[SyncRegistration, RegistrationState], None]
+    ) -> None:
+        relay = self._relays.pop(listener, None)
+        if relay is not None and not self._client._closed:
+            self._client._call_in_loop(lambda: self._reg.remove_listener(relay))
 
     def add_health_listener(
         self, listener: Callable[[SyncRegistration, CheckResult], None]
@@ -199,7 +216,8 @@ class SyncServiceCache:
         self._client = client
         self._cache = cache
         self._events: queue.SimpleQueue[ChangeEvent] | None = None
-        self._relays: dict[EventListener, EventListener] = {}
+        # What each listener given to add_listener() or follow() was wrapped in.
+        self._relays: dict[Callable[..., None], EventListener] = {}
 
     @property
     def state(self) -> CacheState:
@@ -208,6 +226,26 @@ class SyncServiceCache:
     @property
     def malformed(self) -> int:
         return self._cache.malformed
+
+    @property
+    def revision(self) -> int:
+        return self._cache.revision
+
+    @property
+    def resyncs(self) -> int:
+        return self._cache.resyncs
+
+    @property
+    def expiry_protections(self) -> int:
+        return self._cache.expiry_protections
+
+    def add_state_listener(self, listener: Callable[[CacheState], None]) -> None:
+        """Like :meth:`ServiceCache.add_state_listener`; called on the dispatcher thread."""
+
+        def relay(state: CacheState) -> None:
+            self._client._dispatch.submit(lambda: listener(state))
+
+        self._client._call_in_loop(lambda: self._cache.add_state_listener(relay))
 
     def instances(self) -> tuple[Instance, ...]:
         # Snapshots are immutable tuples rebuilt on the loop; reading the dict from
@@ -234,7 +272,36 @@ class SyncServiceCache:
         self._relays[listener] = relay
         self._client._call_in_loop(lambda: self._cache.add_listener(relay))
 
-    def remove_listener(self, listener: Callable[[list[ChangeEvent]], None]) -> None:
+    def follow(self, listener: Callable[[tuple[Instance, ...]], None]) -> None:
+        """Call ``listener(instances)`` with the whole current snapshot: once before
+        this returns (on this thread), then after every change (on the dispatcher
+        thread). Snapshots are built on the loop together with the change, the way
+        etcd's Go resolver pushes full state, so nothing reads back into the loop; an
+        older snapshot is never delivered after a newer one. Stop with
+        :meth:`remove_listener`."""
+        lock = threading.Lock()
+        delivered = -1
+        sequence = itertools.count()
+
+        def deliver(seq: int, snapshot: tuple[Instance, ...]) -> None:
+            nonlocal delivered
+            with lock:
+                if seq > delivered:
+                    delivered = seq
+                    listener(snapshot)
+
+        def relay(events: list[ChangeEvent]) -> None:  # on the loop
+            seq, snapshot = next(sequence), self._cache.instances()
+            self._client._dispatch.submit(lambda: deliver(seq, snapshot))
+
+        async def subscribe() -> tuple[int, tuple[Instance, ...]]:
+            self._cache.add_listener(relay)
+            return next(sequence), self._cache.instances()
+
+        self._relays[listener] = relay
+        deliver(*self._client._run(subscribe()))
+
+    def remove_listener(self, listener: Callable[..., None]) -> None:
         relay = self._relays.pop(listener, None)
         # A closed client's caches and their listeners are gone with its loop.
         if relay is not None and not self._client._closed:
@@ -292,23 +359,30 @@ class Client:
         password: str | None = None,
         timeout: float = 5.0,
         expiry_protection: ExpiryProtection | None = DEFAULT_EXPIRY_PROTECTION,
+        settings: ClientSettings | None = None,
     ) -> None:
-        self._timeout = timeout
+        # Validated here, on the caller's thread, before any thread is started.
+        self.settings = settings_from(
+            endpoints,
+            prefix=prefix,
+            cacert=cacert,
+            cert=cert,
+            key=key,
+            username=username,
+            password=password,
+            timeout=timeout,
+            expiry_protection=expiry_protection,
+            settings=settings,
+        )
+        self._timeout = self.settings.timeout
+        # One wrapper per open registration, so that listeners added through it can be
+        # removed through the one `registrations` returns.
+        self._wrapped: dict[Registration, SyncRegistration] = {}
         self._loop = _LoopThread("etcdisco-loop")
         self._dispatch = _Dispatcher("etcdisco-callbacks")
 
         async def make() -> AsyncClient:
-            return AsyncClient(
-                endpoints,
-                prefix=prefix,
-                cacert=cacert,
-                cert=cert,
-                key=key,
-                username=username,
-                password=password,
-                timeout=timeout,
-                expiry_protection=expiry_protection,
-            )
+            return AsyncClient(settings=self.settings)
 
         try:
             self._async = self._loop.run(make())
@@ -353,7 +427,28 @@ class Client:
                 on_failing=on_failing,
             )
 
-        return SyncRegistration(self, self._run(open_()))
+        reg = SyncRegistration(self, self._run(open_()))
+        self._wrapped = {
+            r: w for r, w in self._wrapped.items() if r.state is not RegistrationState.CLOSED
+        }
+        self._wrapped[reg._reg] = reg
+        return reg
+
+    @property
+    def registrations(self) -> tuple[SyncRegistration, ...]:
+        """The open registrations (see :attr:`AsyncClient.registrations`)."""
+        return tuple(
+            self._wrapped.get(reg) or SyncRegistration(self, reg)
+            for reg in self._async.registrations
+        )
+
+    @property
+    def watch_count(self) -> int:
+        return self._async.watch_count
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def list_instances(self, service: str | None = None) -> tuple[Instance, ...]:
         """One read of etcd, no cache (see :meth:`AsyncClient.list_instances`)."""

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import pytest
 
-from etcdisco._local_etcd import LocalEtcd, LocalEtcdCluster, TlsFiles
+from etcdisco.testing import LocalEtcd, LocalEtcdCluster, TlsFiles
 
 from .._proxy import TcpProxy
 from ..grpc_echo.fleet import Fleet

@@ -70,9 +70,8 @@ async def test_member_under_the_keepalive_stream_killed(etcd_cluster) -> None:
         reg = await server.register("echo", "127.0.0.1:9700", ttl=ttl)
         lease = reg.lease_id
         # The stream opens with the first keepalive, a third of a TTL after the grant.
-        keeper = server._keepers[ttl]
         registered = time.monotonic()
-        await eventually(lambda: keeper.last_ack > registered, 2 * ttl, "no keepalive")
+        await eventually(lambda: reg.last_keepalive > registered, 2 * ttl, "no keepalive")
         first.kill()
         killed = time.monotonic()
 
@@ -109,10 +108,9 @@ async def test_stalled_member_under_the_keepalive_stream_costs_no_lease(etcd_clu
             await server.register("echo", "127.0.0.1:9711", ttl=other_ttl),
         ]
         leases = {r.key: r.lease_id for r in regs}
-        keepers = [server._keepers[ttl], server._keepers[other_ttl]]
         registered = time.monotonic()
         await eventually(
-            lambda: all(k.last_ack > registered for k in keepers), 2 * ttl, "no keepalive"
+            lambda: all(r.last_keepalive > registered for r in regs), 2 * ttl, "no keepalive"
         )
         states: list[tuple[str, RegistrationState]] = []
         for r in regs:

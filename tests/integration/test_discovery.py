@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from etcdisco import AsyncClient, CacheState, EtcdTimeoutError, EventType
-from etcdisco._local_etcd import LocalEtcd
+from etcdisco.testing import LocalEtcd
 
 from .._util import eventually, wait_event
 

@@ -22,7 +22,6 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from etcdisco import AsyncClient, EventType, RoundRobin, Status
-from etcdisco._local_etcd import TlsFiles
 from etcdisco.health import (
     CheckResult,
     CommandCheck,
@@ -32,6 +31,7 @@ from etcdisco.health import (
     parse_check,
     run_probe,
 )
+from etcdisco.testing import TlsFiles
 
 from .._util import eventually, wait_event
 

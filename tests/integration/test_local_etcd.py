@@ -6,15 +6,18 @@ import base64
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from etcdisco._local_etcd import (
+from etcdisco.testing import (
     Credentials,
     EtcdctlError,
     EtcdStartError,
@@ -22,6 +25,7 @@ from etcdisco._local_etcd import (
     LocalEtcdCluster,
     LocalEtcdError,
     TlsFiles,
+    die_with_parent,
     etcd_version,
     find_etcd_binaries,
 )
@@ -119,6 +123,53 @@ def test_start_failure_reports_the_log(etcd_binary: Path, tmp_path: Path) -> Non
     assert "exited with code" in message
     assert "no-such-flag" in message
     assert not member.running
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie waiting for its new parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return _process_gone(pid)
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
+def test_die_with_parent_kills_the_child_with_its_parent() -> None:
+    if die_with_parent(["true"]) == ["true"]:
+        pytest.skip("no working setpriv --pdeathsig on this machine")
+    # Another thread's fork would get the signal when that thread ends: not used there.
+    from_thread: list[list[str]] = []
+    thread = threading.Thread(target=lambda: from_thread.append(die_with_parent(["true"])))
+    thread.start()
+    thread.join()
+    assert from_thread == [["true"]]
+
+    script = (
+        "import subprocess, sys\n"
+        "from etcdisco.testing import die_with_parent\n"
+        "child = subprocess.Popen(die_with_parent(['sleep', '600']))\n"
+        "print(child.pid, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as parent:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        try:
+            assert not _exited(child)
+            parent.kill()  # no atexit, no finally: only the parent-death signal is left
+            parent.wait(10)
+            deadline = time.monotonic() + 10
+            while not _exited(child):
+                assert time.monotonic() < deadline, "the child outlived its SIGKILLed parent"
+                time.sleep(0.05)
+        finally:
+            parent.kill()
+            if not _exited(child):
+                os.kill(child, signal.SIGKILL)
 
 
 def test_cluster_leader_killed_new_leader_then_rejoin(etcd_cluster: LocalEtcdCluster) -> None:
@@ -242,7 +293,13 @@ def _assert_cut_off(cluster: LocalEtcdCluster, member: LocalEtcd) -> None:
     assert not member.is_healthy()
     read = member.etcdctl("get", "k", "--command-timeout=2s", check=False)
     assert read.returncode != 0, read.stdout
-    code, body = member._http("POST", "/v3/watch", b"{}", _HASLEADER, timeout=5.0)
+    conn = http.client.HTTPConnection("127.0.0.1", member.client_port, timeout=5.0)
+    try:
+        conn.request("POST", "/v3/watch", b"{}", _HASLEADER)
+        response = conn.getresponse()
+        code, body = response.status, response.read()
+    finally:
+        conn.close()
     assert b"no leader" in body, (code, body)
     # The other two are a majority: one of them leads, and writes go on.
     leader = cluster.wait_for_leader(timeout=15.0)

@@ -11,9 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from etcdisco import AsyncClient, ChangeEvent, EventType, RoundRobin
-from etcdisco._expiry import ExpiryProtection
-from etcdisco._model import usable
+from etcdisco import AsyncClient, ChangeEvent, EventType, ExpiryProtection, RoundRobin, usable
 from etcdisco.discovery import EventStream
 
 from .._util import eventually, next_event, wait_event

@@ -26,3 +26,22 @@ def test_readme_example_runs(etcd, index: int) -> None:
     )
     assert res.returncode == 0, f"README example {index} failed:\n{res.stderr}"
     assert "127.0.0.1:5005" in res.stdout, res.stdout
+
+
+def test_readme_testing_fixture_runs_under_pytest(etcd_binary: Path, tmp_path: Path) -> None:
+    """The "Testing your services" example is a pytest module: pytest runs it as is."""
+    section = README.read_text().split("## Testing your services against a real etcd\n")[1]
+    example = re.findall(r"```py\n(.*?)```", section.split("\n## ")[0], flags=re.S)
+    assert len(example) == 1
+    (tmp_path / "test_example.py").write_text(example[0])
+    env = {**os.environ, "ETCDISCO_ETCD": str(etcd_binary)}  # this run's etcd version
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_example.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "1 passed" in res.stdout, res.stdout

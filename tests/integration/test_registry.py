@@ -187,8 +187,9 @@ async def test_twin_holding_the_key_is_not_fought(etcd) -> None:
         ra = await a.register("echo", "127.0.0.1:9001", ttl=3)
         rb = await b.register("echo", "127.0.0.1:9001", ttl=3)  # takes the key over
         assert ra.lease_id != rb.lease_id
-        # a's keeper notices the key is not on its lease, and must not take it back.
-        await eventually(lambda: ra._conflict_logged, 10, "a never checked its key")
+        # a's keeper notices the key is not on its lease (a's registration says lost),
+        # and must not take it back.
+        await eventually(lambda: ra.state is RegistrationState.LOST, 10, "a never noticed the twin")
         got = await a.etcd.get(ra.key)
         assert got.kvs[0].lease == rb.lease_id
         await ra.deregister()

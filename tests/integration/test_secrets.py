@@ -117,7 +117,7 @@ async def test_reprs_hide_the_password(etcd_auth) -> None:
     assert user in repr(config) and password not in repr(config)
     async with AsyncClient(member.endpoint, username=user, password=password) as client:
         await client.list_instances()  # authenticated: the connection holds a token
-        token = client.etcd.connection._token
+        token = client.etcd.connection.token
         assert token
         for obj in (client, client.etcd, client.etcd.config, client.etcd.connection):
             assert password not in repr(obj) and token not in repr(obj), repr(obj)
@@ -134,9 +134,8 @@ async def test_token_never_logged(etcd_auth, caplog: pytest.LogCaptureFixture) -
         reg = await client.register("echo", "127.0.0.1:9", ttl=2)
         cache = await client.discover("echo")
         await cache.wait_ready(5)
-        first = client.etcd.connection._token
+        first = client.etcd.connection.token
         assert first
-        keeper = client._keepers[reg.ttl]
         cache_states: list[CacheState] = []
         cache.add_state_listener(cache_states.append)
         # A restart invalidates every simple token: the re-authentication paths log.
@@ -145,7 +144,7 @@ async def test_token_never_logged(etcd_auth, caplog: pytest.LogCaptureFixture) -
         await client.list_instances()
         # Wait for each stream to come back through a new token, not just for "now".
         await eventually(
-            lambda: keeper.last_ack > restarted, 15, "no keepalive answered after the restart"
+            lambda: reg.last_keepalive > restarted, 15, "no keepalive answered after the restart"
         )
         assert reg.state is RegistrationState.REGISTERED, "registration not healthy"
         await eventually(
@@ -153,7 +152,7 @@ async def test_token_never_logged(etcd_auth, caplog: pytest.LogCaptureFixture) -
             15,
             f"watch never came back after the restart: {cache_states}",
         )
-        second = client.etcd.connection._token
+        second = client.etcd.connection.token
         assert second and second != first
         await cache.close()
     assert "etcd connection" in caplog.text, "nothing was logged: was capture on?"

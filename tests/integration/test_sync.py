@@ -127,3 +127,29 @@ def test_a_forked_child_fails_at_once(etcd) -> None:
         os.close(read_end)
         assert os.waitstatus_to_exitcode(status[1]) == 0, said
         assert "fork" in said
+
+
+def test_follow_pushes_whole_snapshots_built_on_the_loop(etcd) -> None:
+    """The first snapshot before follow() returns, then one per change on the
+    dispatcher thread: the full state each time, never an older one after a newer."""
+    seen: queue.SimpleQueue[tuple[str, tuple[str, ...]]] = queue.SimpleQueue()
+    with Client(etcd.endpoint) as server, Client(etcd.endpoint) as client:
+        first = server.register("echo", "127.0.0.1:8101", ttl=5)
+        cache = client.discover("echo")
+        cache.wait_ready(5)
+
+        def on_snapshot(instances: tuple) -> None:
+            seen.put((threading.current_thread().name, tuple(i.address for i in instances)))
+
+        cache.follow(on_snapshot)
+        assert seen.get_nowait() == (threading.current_thread().name, ("127.0.0.1:8101",))
+        second = server.register("echo", "127.0.0.1:8102", ttl=5)
+        thread, addresses = seen.get(timeout=5)
+        assert thread == "etcdisco-callbacks"
+        assert addresses == ("127.0.0.1:8101", "127.0.0.1:8102")
+        cache.remove_listener(on_snapshot)
+        second.deregister()
+        first.deregister()
+        with pytest.raises(queue.Empty):
+            seen.get(timeout=0.5)
+        cache.close()

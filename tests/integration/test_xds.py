@@ -31,14 +31,15 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
-from etcdisco import AsyncClient, EventType, Registration
-from etcdisco._model import encode_value, instance_key
+from etcdisco import AsyncClient, EventType, Registration, encode_value
 from etcdisco.grpc.xds import ServicePolicy, XdsServer, bootstrap_config
-from etcdisco.grpc.xds._protos import CLUSTER, ENDPOINT, LISTENER
 
 from .._util import communicate, eventually, wait_event
 
-LDS, CDS, EDS = LISTENER, CLUSTER, ENDPOINT
+# xDS type URLs (wire facts of the envoy v3 API).
+LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
+CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 
 # Drives one xDS client process: {"op": "call", "n": N} makes N calls; {"op": "until",
 # "want": NAME, "present": bool} calls until NAME answers (present) or until 30 calls
@@ -320,7 +321,7 @@ async def test_crashed_instance_costs_no_failed_call(client: AsyncClient, xds: X
             # The doomed instance's lease is never kept alive: it expires by itself, as a
             # crashed process's would.
             lease = await client.etcd.lease_grant(3)
-            key = instance_key("services", "echo", address)
+            key = f"services/echo/{address}"
             await client.etcd.put(key, encode_value(address, {"name": "b2"}), lease=lease.id)
             await wait_served(xds, "echo", 3)
             pushed: list[float] = []
@@ -691,7 +692,7 @@ async def test_rolling_restart_under_load_fails_no_call(
     async def start(name: str) -> asyncio.subprocess.Process:
         with (tmp_path / f"{name}.log").open("wb") as log:
             proc = await asyncio.create_subprocess_exec(
-                *[sys.executable, "-m", "etcdisco._demo_grpc_server"],
+                *[sys.executable, "-m", "etcdisco.demo.grpc_server"],
                 *["--endpoints", etcd.endpoint, "--service", "echo", "--name", name],
                 *["--quiet-period", "0.3", "--delay", "0.005"],
                 stdout=subprocess.PIPE,

@@ -22,13 +22,12 @@ import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from etcdisco import AsyncClient, ConfigError
-from etcdisco._local_etcd import TlsFiles
 from etcdisco.grpc.xds import XdsServer, XdsTls, bootstrap_config
-from etcdisco.grpc.xds._protos import LISTENER
+from etcdisco.testing import TlsFiles
 
 from .._util import communicate
 from ._cli_process import CliProcess, etcd_tls_options
-from .test_xds import XdsClientProcess, backends, register_all
+from .test_xds import LDS, XdsClientProcess, backends, register_all
 
 
 def port_tls_options(files: TlsFiles) -> list[str]:
@@ -111,7 +110,14 @@ async def ads_call_fails(address: str, credentials: grpc.ChannelCredentials | No
     try:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         call = stub.StreamAggregatedResources(
-            iter([discovery_pb2.DiscoveryRequest(type_url=LISTENER, resource_names=["echo"])])
+            iter(
+                [
+                    discovery_pb2.DiscoveryRequest(
+                        type_url=LDS,
+                        resource_names=["echo"],
+                    )
+                ]
+            )
         )
         with pytest.raises(grpc.aio.AioRpcError) as info:
             async with asyncio.timeout(10):

@@ -9,7 +9,7 @@ import secrets
 import signal
 import sys
 
-from etcdisco._local_etcd import find_etcd_binaries
+from etcdisco.testing import find_etcd_binaries
 
 from ._faults import FAULT_KINDS
 from ._report import render

@@ -17,10 +17,9 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from etcdisco import AuthError, CompactedError, EtcdError, MalformedValueError
-from etcdisco._local_etcd import Credentials, LocalEtcd, LocalEtcdCluster
-from etcdisco._model import decode_instance
+from etcdisco import AuthError, CompactedError, EtcdError, MalformedValueError, decode_instance
 from etcdisco.etcd import EtcdClient
+from etcdisco.testing import Credentials, LocalEtcd, LocalEtcdCluster
 
 from ._layout import PREFIX
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any, Protocol
 
-from etcdisco._local_etcd import LocalEtcd, LocalEtcdCluster
+from etcdisco.testing import LocalEtcd, LocalEtcdCluster
 
 from ._children import Child
 from ._etcd_view import EtcdView

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from etcdisco import EtcdError, ExpiryProtection
-from etcdisco._local_etcd import Credentials, LocalEtcdCluster, LocalEtcdError
+from etcdisco.testing import Credentials, LocalEtcdCluster, LocalEtcdError
 
 from ._children import Child, ChildError, ChildPaused
 from ._etcd_view import EtcdView, Registry

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from etcdisco._address import normalize_address, parse_address, parse_listen
 from etcdisco._errors import ConfigError, InvalidAddressError, MalformedValueError
 from etcdisco._model import (
     DEFAULT_PREFIX,
@@ -24,9 +25,6 @@ from etcdisco._model import (
     diff,
     encode_value,
     instance_key,
-    normalize_address,
-    parse_address,
-    parse_listen,
     service_prefix,
     split_key,
     validate_instance_id,

@@ -30,14 +30,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .._address import normalize_address
 from .._errors import ConfigError, EtcdiscoError
-from .._model import (
-    encode_value,
-    instance_key,
-    normalize_address,
-    validate_instance_id,
-    validate_service_name,
-)
+from .._model import encode_value, instance_key, validate_instance_id, validate_service_name
 from ..health import Check, CommandCheck, GrpcCheck, HttpCheck, TcpCheck, parse_check
 from ..health._guard import OnFailing
 from ..registry import validate_ttl

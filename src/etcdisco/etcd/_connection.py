@@ -114,6 +114,12 @@ class Connection:
         return self._state
 
     @property
+    def token(self) -> str | None:
+        """The auth token in use (None without auth, or before the first call). It is a
+        credential: never logged, never in a repr."""
+        return self._token
+
+    @property
     def closed(self) -> bool:
         return self._state is ConnectionState.CLOSED
 
@@ -337,7 +343,8 @@ def map_error(
         "authentication failed" in details or "permission denied" in details
     ):
         return AuthError(f"etcd refused: {details}")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+    # etcd's own deadline (no quorum to commit in time) comes back as UNKNOWN.
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED or "context deadline exceeded" in details:
         return EtcdTimeoutError(
             f"etcd call timed out ({details}); endpoints: {', '.join(endpoints)}"
         )

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
+
+import grpc.aio
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,3 +111,19 @@ def prefix_range_end(prefix: bytes) -> bytes:
             return bytes(end)
         end.pop()
     return b"\0"  # the whole keyspace
+
+
+# The end-of-stream marker of grpc.aio reads; absent from the type stubs.
+EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009
+
+
+def kv_from_pb(pb: Any) -> KeyValue:
+    """A protobuf ``mvccpb.KeyValue`` as a plain :class:`KeyValue`."""
+    return KeyValue(
+        key=pb.key,
+        value=pb.value,
+        create_revision=pb.create_revision,
+        mod_revision=pb.mod_revision,
+        version=pb.version,
+        lease=pb.lease,
+    )

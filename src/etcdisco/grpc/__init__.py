@@ -15,15 +15,10 @@ Client side: :func:`channel` / :func:`aio_channel` give a ``grpc.Channel`` /
 from ._advertise import advertised_address, primary_ip
 from ._aio_channel import AioBalancingChannel, aio_channel
 from ._channel import BalancingChannel, NoInstanceError, channel
+from ._drain import DrainPolicy, DrainReport
 from ._pool import SubChannelInfo
-from ._serve import (
-    AioRegisteredServer,
-    DrainPolicy,
-    DrainReport,
-    RegisteredServer,
-    aio_serve_registered,
-    serve_registered,
-)
+from ._serve_aio import AioRegisteredServer, aio_serve_registered
+from ._serve_sync import RegisteredServer, serve_registered
 from ._server import aio_server, server
 
 __all__ = [

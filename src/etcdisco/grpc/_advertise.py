@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from .._model import join_address, normalize_address
+from .._address import join_address, normalize_address
 
 # Documentation-only networks (RFC 5737, RFC 3849): connecting a UDP socket to them
 # asks the kernel for the route to the outside and sends nothing.

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from .._errors import ConfigError, EtcdiscoError
-from .._model import ChangeEvent
+from .._model import Instance
 from ..balancing import Picker, picker_from
 from ..outlier import OutlierDetector
 from ..sync import Client, SyncServiceCache
@@ -302,21 +302,14 @@ class BalancingChannel(ChannelBase[grpc.Channel], grpc.Channel):
         self._subscribers: list[Callable[[grpc.ChannelConnectivity], None]] = []
         self._subscribers_lock = threading.Lock()
         self._closed = False
-        # Listen first, then read: a change between the two is applied twice at worst.
-        cache.add_listener(self._on_events)
-        self._refresh()
+        # The first snapshot arrives before this returns; later ones with each change.
+        cache.follow(self._on_snapshot)
 
     # -- discovery -----------------------------------------------------------------
 
-    def _on_events(self, events: list[ChangeEvent]) -> None:
+    def _on_snapshot(self, instances: tuple[Instance, ...]) -> None:
         if not self._closed:
-            self._refresh()
-
-    def _refresh(self) -> None:
-        try:
-            self._pool.update(self._cache.instances())
-        except EtcdiscoError as exc:
-            log.warning("%s: reading the discovery cache failed: %s", self.service, exc)
+            self._pool.update(instances)
 
     # -- connectivity --------------------------------------------------------------
 
@@ -371,7 +364,7 @@ class BalancingChannel(ChannelBase[grpc.Channel], grpc.Channel):
                 self._cache.close()
             else:
                 # The cache lives on with its owner: it must not keep this channel.
-                self._cache.remove_listener(self._on_events)
+                self._cache.remove_listener(self._on_snapshot)
         except EtcdiscoError as exc:
             log.warning("%s: letting go of the discovery cache failed: %s", self.service, exc)
         self._pool.close()

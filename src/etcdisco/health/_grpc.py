@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import grpc
 import grpc.aio
 
+from .._address import normalize_address
 from .._errors import ConfigError
-from .._model import normalize_address
 from ._check import Check
 from ._result import Outcome
 

@@ -1,9 +1,12 @@
-"""Binds checks to a registration: a failing instance marks itself or withdraws.
+"""Binds checks to whatever acts on their verdict: a failing instance marks itself or
+withdraws.
 
-The registration's lease is never touched here. Marking rewrites the value under the
-same lease (status ``unhealthy``); withdrawing deletes the key but keeps the lease
-alive, and restoring puts it back under that lease. So a flapping check costs etcd
-one write per settled change, never a re-grant.
+The guard knows nothing of etcd or of registrations: it is given a name (for logs),
+the address its target-less checks probe, and two callbacks, ``apply(failing)`` (make
+the world say so; may fail, and is then retried with backoff) and ``on_change(state)``
+(tell listeners). The registry passes its own: marking rewrites the value under the
+same lease (status ``unhealthy``), withdrawing deletes the key but keeps the lease
+alive, so a flapping check costs etcd one write per settled change, never a re-grant.
 """
 
 from __future__ import annotations
@@ -12,17 +15,13 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
 
 from .._backoff import Backoff
 from .._errors import ConfigError
 from ._check import Check
 from ._monitor import HealthMonitor
 from ._result import CheckResult
-
-if TYPE_CHECKING:
-    from ..registry import Registration
 
 log = logging.getLogger("etcdisco.health")
 
@@ -49,17 +48,29 @@ def validate_checks(
 
 
 class HealthGuard:
-    """Owned by one registration: runs its checks and applies their verdict.
+    """Owned by one user (a registration): runs its checks and applies their verdict.
 
-    Check changes only set a desired state and wake one applier task, which writes
-    the latest verdict: a burst of changes while etcd is slow coalesces into one
-    write, and a failed write is retried with backoff without blocking the checks.
+    Check changes only set a desired state and wake one applier task, which calls
+    ``apply`` with the latest verdict: a burst of changes while etcd is slow coalesces
+    into one call, and a failed call is retried with backoff without blocking the
+    checks.
     """
 
-    def __init__(self, reg: Registration, checks: Sequence[Check], mode: OnFailing) -> None:
-        self._reg = reg
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        checks: Sequence[Check],
+        mode: OnFailing,
+        *,
+        apply: Callable[[bool], Awaitable[None]],
+        on_change: Callable[[CheckResult], None],
+    ) -> None:
+        self.name = name
         self.mode = mode
-        self.monitor = HealthMonitor([c.bind(reg.address) for c in checks])
+        self._apply = apply
+        self._on_change = on_change
+        self.monitor = HealthMonitor([c.bind(address) for c in checks])
         self.monitor.add_listener(self._changed)
         self._wake = asyncio.Event()
         self._applied: bool | None = None  # the "failing" verdict etcd holds
@@ -77,16 +88,14 @@ class HealthGuard:
         failing = state is not CheckResult.PASSING
         self._applied = failing
         if failing:
-            log.warning(
-                "%s starts unhealthy: %s", self._reg.key, "; ".join(self.monitor.failures())
-            )
+            log.warning("%s starts unhealthy: %s", self.name, "; ".join(self.monitor.failures()))
         return failing
 
     def start(self) -> None:
         self.monitor.start()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(
-                self._apply_loop(), name=f"etcdisco-health-{self._reg.key}"
+                self._apply_loop(), name=f"etcdisco-health-{self.name}"
             )
 
     async def stop(self) -> None:
@@ -99,10 +108,10 @@ class HealthGuard:
 
     def _changed(self, state: CheckResult) -> None:
         if state is CheckResult.FAILING:
-            log.warning("%s is failing: %s", self._reg.key, "; ".join(self.monitor.failures()))
+            log.warning("%s is failing: %s", self.name, "; ".join(self.monitor.failures()))
         else:
-            log.info("%s is %s", self._reg.key, state.value)
-        self._reg._health_changed(state)
+            log.info("%s is %s", self.name, state.value)
+        self._on_change(state)
         self._wake.set()
 
     async def _apply_loop(self) -> None:
@@ -113,14 +122,14 @@ class HealthGuard:
             if failing == self._applied:
                 continue
             try:
-                await self._reg._apply_health(failing)
+                await self._apply(failing)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 delay = self._backoff.next_delay()
                 log.warning(
                     "could not write the health of %s (%s); retrying in %.1fs",
-                    self._reg.key,
+                    self.name,
                     exc,
                     delay,
                 )

@@ -7,8 +7,8 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass
 
+from .._address import normalize_address, parse_address
 from .._errors import ConfigError
-from .._model import normalize_address, parse_address
 from ._check import Check, os_reason
 from ._result import Outcome
 

@@ -21,6 +21,8 @@ from typing import Any
 
 from ..._async_client import AsyncClient
 from ..._errors import ConfigError
+from ..._model import DEFAULT_PREFIX
+from ..._settings import ClientSettings
 from ...sync import Client
 from ._resources import DEFAULT_RETRIES, ServicePolicy
 from ._server import XdsServer, XdsTls
@@ -175,7 +177,7 @@ def install(
     endpoints: str | Sequence[str] | None = None,
     *,
     client: Client | None = None,
-    prefix: str = "services",
+    prefix: str = DEFAULT_PREFIX,
     policies: Mapping[str, ServicePolicy] | None = None,
     retries: int = DEFAULT_RETRIES,
     zone: str = "",
@@ -187,6 +189,7 @@ def install(
     username: str | None = None,
     password: str | None = None,
     xds_tls: XdsTls | None = None,
+    settings: ClientSettings | None = None,
 ) -> EmbeddedXds:
     """The blocking twin of :func:`start_embedded`: call it once, early (before the
     process creates its first ``xds:///`` channel), then use plain
@@ -196,7 +199,8 @@ def install(
     :class:`etcdisco.Client`), else on a new one with a client of its own built from
     ``endpoints`` (default ``$ETCDISCO_ENDPOINTS``) and the TLS/auth arguments
     (``cacert``, ``cert``, ``key``, ``username``, ``password``: those are for etcd;
-    ``xds_tls`` is the control plane's own port, as ``tls`` of :func:`start_embedded`).
+    ``xds_tls`` is the control plane's own port, as ``tls`` of :func:`start_embedded`),
+    or from ``settings`` (an :class:`etcdisco.ClientSettings`) instead.
     """
     options: dict[str, Any] = {
         "policies": policies,
@@ -215,6 +219,7 @@ def install(
         key=key,
         username=username,
         password=password,
+        settings=settings,
     )
     try:
         server = given._run(_start(given.async_client, **options), timeout=timeout + 5)

@@ -24,8 +24,9 @@ from typing import Any
 
 from google.protobuf import any_pb2, wrappers_pb2
 
+from ..._address import parse_address
 from ..._errors import ConfigError, InvalidAddressError
-from ..._model import Instance, Status, parse_address
+from ..._model import Instance, Status
 from . import _protos as p
 
 ROUND_ROBIN = "round_robin"

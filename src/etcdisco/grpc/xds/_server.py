@@ -28,9 +28,10 @@ from typing import Any
 
 import grpc
 
+from ..._address import join_address, parse_listen
 from ..._async_client import AsyncClient
 from ..._errors import ConfigError, EtcdTimeoutError
-from ..._model import ChangeEvent, EventType, Instance, join_address, parse_listen
+from ..._model import ChangeEvent, EventType, Instance
 from ...discovery import ServiceCache
 from . import _protos as p
 from ._ads import SERVICE_NAME, AdsStats, AdsStream

@@ -1,15 +1,20 @@
-"""``etcdisco resolve``: what a balancing client would pick, from one read of etcd."""
+"""``etcdisco resolve``: what a balancing client would pick, from one read of etcd.
+
+The picker comes from :func:`etcdisco.make_picker` (``--zone`` wraps the policy in
+zone-aware balancing); the instances from one ``list_instances`` with the
+invocation's ClientSettings.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 
 import click
 
-from ._model import Instance
-from .balancing import POLICIES, Picker, make_picker
-from .cli import Settings, fail, run_until_signal
+from .._async_client import AsyncClient
+from .._model import Instance
+from ..balancing import POLICIES, Picker, make_picker
+from ._common import GlobalOptions, fail, instance_json, run_until_signal
 
 
 @click.command("resolve")
@@ -31,8 +36,8 @@ from .cli import Settings, fail, run_until_signal
     help="Number of picks to print.",
 )
 @click.pass_obj
-def _resolve(
-    settings: Settings,
+def resolve_cmd(
+    options: GlobalOptions,
     service: str,
     policy: str,
     hash_key: str | None,
@@ -47,7 +52,7 @@ def _resolve(
     picker = _picker(policy, zone)
 
     async def main(stop: asyncio.Event) -> tuple[Instance, ...]:
-        async with settings.client() as client:
+        async with AsyncClient(settings=options.settings) as client:
             return await client.list_instances(service)
 
     instances = run_until_signal(main)
@@ -56,12 +61,7 @@ def _resolve(
     if not chosen:
         fail(f"no healthy instance of {service}")
     for inst in chosen:
-        click.echo(json.dumps(inst.to_dict(), sort_keys=True) if settings.json else inst.address)
-
-
-# Declared type: the decorated function's type is not inferable through the import
-# cycle with cli.py, which registers this command.
-resolve_cmd: click.Command = _resolve
+        click.echo(instance_json(inst) if options.json else inst.address)
 
 
 def _picker(policy: str, zone: str | None) -> Picker:

@@ -1,9 +1,11 @@
-"""``--metrics-listen HOST:PORT`` for the long-running commands.
+"""``--metrics-listen HOST:PORT`` for the long-running commands (register, watch,
+agent, xds): the option and the endpoint it opens.
 
 The endpoint runs on a thread of its own (prometheus_client's server) for as long as
 the command's client is open; the collector reads the client's state when scraped.
 The chosen address is printed to stderr as ``metrics at http://HOST:PORT/metrics``
-(port 0 picks a free port).
+(port 0 picks a free port). prometheus_client comes with the ``metrics`` extra, so
+``etcdisco.metrics`` is imported only once the option is given.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from ._errors import ConfigError
-from ._model import parse_listen
+from .._address import parse_listen
+from .._errors import ConfigError
 
 if TYPE_CHECKING:
-    from .metrics import MetricsServer
+    from ..metrics import MetricsServer
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,7 +62,7 @@ async def exposing_metrics(
     if listen is None:
         yield None
         return
-    from . import metrics
+    from .. import metrics
 
     host, port = listen
     try:

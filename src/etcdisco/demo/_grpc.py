@@ -1,9 +1,9 @@
 """``etcdisco demo --grpc``: a rolling restart of gRPC servers under load, no call lost.
 
-gRPC servers (``_demo_grpc_server``) start as processes of their own and register
+gRPC servers (:mod:`.grpc_server`) start as processes of their own and register
 through etcdisco.grpc's server helper. Two callers call them at a steady pace: a
 balancing channel in this process (``etcdisco.grpc.aio_channel``) and a plain grpcio
-client on ``xds:///demo-echo`` in a process of its own (``_demo_grpc_xds``, with an
+client on ``xds:///demo-echo`` in a process of its own (:mod:`.grpc_xds_client`, with an
 embedded control plane: gRPC reads its xDS bootstrap once per process). A line a
 second shows how the calls spread. Then each server in turn gets SIGTERM and drains
 (clients see "draining" and stop picking it), deregisters and exits, and a
@@ -30,11 +30,11 @@ import click
 import grpc
 import grpc.aio
 
-from ._async_client import AsyncClient
-from ._demo import _Clock, _local_etcd_if_needed, _reachable
-from ._demo_grpc_server import METHOD
-from ._model import ChangeEvent, EventType, Instance
-from .grpc import AioBalancingChannel, aio_channel
+from .._async_client import AsyncClient
+from .._model import ChangeEvent, EventType, Instance
+from ..grpc import AioBalancingChannel, aio_channel
+from ._common import Clock, local_etcd_if_needed, reachable
+from .grpc_server import METHOD
 
 SERVICE = "demo-echo"
 PACE = 0.02  # seconds between two calls of one caller
@@ -85,7 +85,7 @@ class _Tally:
 
 
 class _Server:
-    """One ``_demo_grpc_server`` process, followed through its JSON lines."""
+    """One :mod:`.grpc_server` process, followed through its JSON lines."""
 
     def __init__(self, name: str, proc: asyncio.subprocess.Process, log: Path) -> None:
         self.name = name
@@ -100,7 +100,7 @@ class _Server:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "etcdisco._demo_grpc_server",
+                "etcdisco.demo.grpc_server",
                 "--endpoints",
                 endpoint,
                 "--service",
@@ -167,7 +167,7 @@ def _tail(log: Path, lines: int = 10) -> str:
 
 
 class _XdsCaller:
-    """The ``_demo_grpc_xds`` process and the task counting its calls."""
+    """The :mod:`.grpc_xds_client` process and the task counting its calls."""
 
     def __init__(self, proc: asyncio.subprocess.Process, tally: _Tally, log: Path) -> None:
         self.proc = proc
@@ -184,7 +184,7 @@ class _XdsCaller:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "etcdisco._demo_grpc_xds",
+                "etcdisco.demo.grpc_xds_client",
                 "--endpoints",
                 endpoint,
                 "--service",
@@ -227,7 +227,7 @@ class _XdsCaller:
 class _Load:
     """Owns every caller: the channel's caller tasks, the xDS process, the ticker."""
 
-    def __init__(self, clock: _Clock, channel: AioBalancingChannel) -> None:
+    def __init__(self, clock: Clock, channel: AioBalancingChannel) -> None:
         self.clock = clock
         self.channel = channel
         self.via_channel = _Tally("channel")
@@ -286,7 +286,7 @@ class _Load:
         return code
 
 
-def _show_events(clock: _Clock, events: list[ChangeEvent]) -> None:
+def _show_events(clock: Clock, events: list[ChangeEvent]) -> None:
     for ev in events:
         name = _name(ev.instance)
         if ev.type is EventType.ADDED:
@@ -305,7 +305,7 @@ def _name(instance: Instance) -> str:
     return str(instance.metadata.get("name", instance.id))
 
 
-def _summary(clock: _Clock, load: _Load, xds_code: int | None) -> list[str]:
+def _summary(clock: Clock, load: _Load, xds_code: int | None) -> list[str]:
     """Print the summary; what went wrong, if anything."""
     problems: list[str] = []
     clock.say("summary")
@@ -325,7 +325,7 @@ def _summary(clock: _Clock, load: _Load, xds_code: int | None) -> list[str]:
 
 
 async def _rolling_restart(
-    clock: _Clock,
+    clock: Clock,
     endpoint: str,
     logs: Path,
     ttl: int,
@@ -352,7 +352,7 @@ async def _rolling_restart(
 
 
 async def _run(
-    clock: _Clock, endpoint: str, logs: Path, servers: list[_Server], count: int, ttl: int
+    clock: Clock, endpoint: str, logs: Path, servers: list[_Server], count: int, ttl: int
 ) -> list[str]:
     async with AsyncClient(endpoint) as client, client.discover(SERVICE) as cache:
         await cache.wait_ready(10)
@@ -391,10 +391,10 @@ async def _run(
 
 
 async def run_grpc_demo(endpoints: str, instances: int = 3, ttl: int = 3) -> None:
-    clock = _Clock()
+    clock = Clock()
     problems: Sequence[str] = ()
     with (
-        _local_etcd_if_needed(endpoints, await _reachable(endpoints), clock) as endpoint,
+        local_etcd_if_needed(endpoints, await reachable(endpoints), clock) as endpoint,
         tempfile.TemporaryDirectory(prefix="etcdisco-demo-") as logs,
     ):
         servers: list[_Server] = []

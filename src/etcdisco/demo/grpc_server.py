@@ -1,6 +1,6 @@
 """One gRPC server of ``etcdisco demo --grpc``, run as a process of its own.
 
-    python -m etcdisco._demo_grpc_server --endpoints EP --service demo-echo --name v1-a
+    python -m etcdisco.demo.grpc_server --endpoints EP --service demo-echo --name v1-a
 
 It answers every unary call (whatever the method) with its own name as raw bytes, so
 a caller sees which instance served it without generated code, and it registers
@@ -23,8 +23,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from ._async_client import AsyncClient
-from .grpc import aio_serve_registered, aio_server
+from .._async_client import AsyncClient
+from ..grpc import aio_serve_registered, aio_server
 
 # What the demo's callers call; the server would answer any other name the same way.
 METHOD = "/etcdisco.demo.Demo/Who"

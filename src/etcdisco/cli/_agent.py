@@ -1,9 +1,10 @@
-"""``etcdisco agent``, and the health-check and probe options of ``etcdisco register``.
+"""``etcdisco agent``, and the health-check and probe options it shares with
+``etcdisco register`` (:func:`health_options`, :func:`probe_options`).
 
 Both build checks with :func:`etcdisco.health.parse_check` and register through
 ``AsyncClient.register(checks=...)``: the one-service shortcut and the agent are the
-same code path. This module imports ``cli`` lazily, so ``cli`` can import it at the
-top for the ``register`` options.
+same code path. The agent connects with the invocation's ClientSettings, reloads its
+file on SIGHUP and deregisters everything on SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import click
 
-from ._cli_metrics import Listen, exposing_metrics, metrics_option
-from ._errors import ConfigError
-from ._model import parse_listen
-from .health import (
+from .._address import parse_listen
+from .._async_client import AsyncClient
+from .._errors import ConfigError
+from ..agent import Agent, ProbeServer, ReadyFile, load_config
+from ..health import (
     DEFAULT_FALL,
     DEFAULT_INTERVAL,
     DEFAULT_RISE,
@@ -31,10 +33,8 @@ from .health import (
     Check,
     parse_check,
 )
-
-if TYPE_CHECKING:
-    from .agent import Agent
-    from .cli import Settings
+from ._common import GlobalOptions, fail, log_to_stderr, run_until_signal
+from ._metrics import Listen, exposing_metrics, metrics_option
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -167,7 +167,7 @@ def probe_options(command: F) -> F:
 @metrics_option
 @click.pass_obj
 def agent_cmd(
-    settings: Settings,
+    options: GlobalOptions,
     config_path: str,
     probes: ProbeOptions,
     check_config: bool,
@@ -178,9 +178,6 @@ def agent_cmd(
     SIGHUP reloads the file, changing only the registrations that changed; SIGTERM
     or SIGINT deregisters everything and exits 0.
     """
-    from .agent import Agent, ProbeServer, ReadyFile, load_config
-    from .cli import fail, log_to_stderr, run_until_signal
-
     try:
         specs = load_config(config_path)
     except ConfigError as exc:
@@ -192,7 +189,7 @@ def agent_cmd(
     log_to_stderr(logging.INFO)
 
     def say(event: str, **fields: Any) -> None:
-        if settings.json:
+        if options.json:
             click.echo(json.dumps({"event": event, **fields}, sort_keys=True))
         else:
             detail = " ".join(f"{k}={v}" for k, v in fields.items())
@@ -205,7 +202,11 @@ def agent_cmd(
         marker = ReadyFile(ready_file) if ready_file else None
         was_ready = False
         try:
-            async with settings.client() as client, exposing_metrics(metrics_listen, client):
+            settings = options.settings
+            async with (
+                AsyncClient(settings=settings) as client,
+                exposing_metrics(metrics_listen, client),
+            ):
                 agent: Agent
 
                 def changed() -> None:
@@ -247,8 +248,6 @@ async def _serve(
     config_path: str,
     say: Callable[..., None],
 ) -> None:
-    from .agent import load_config
-
     while True:
         stopping = asyncio.ensure_future(stop.wait())
         reloading = asyncio.ensure_future(reload.wait())

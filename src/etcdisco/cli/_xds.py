@@ -1,4 +1,12 @@
-"""``etcdisco xds``: the xDS control plane as a process of its own."""
+"""``etcdisco xds``: the xDS control plane as a process of its own.
+
+Its options (listen address, ADS over TLS, per-service policies), the bootstrap it
+prints for clients (``--print-bootstrap``), and the serving loop: an
+:class:`~etcdisco.grpc.xds.XdsServer` on a client made from the invocation's
+ClientSettings, announced once the registry has been read. ``etcdisco.grpc.xds``
+needs the ``grpc`` extra, so it is imported when the command runs (a missing extra
+is one error line), and for types only here.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +18,20 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ._cli_metrics import Listen, exposing_metrics, metrics_option
-from ._errors import ConfigError, EtcdTimeoutError
-from ._model import join_address, parse_listen
+from .._address import join_address, parse_listen
+from .._async_client import AsyncClient
+from .._errors import ConfigError, EtcdTimeoutError
+from ._common import GlobalOptions, fail, run_until_signal
+from ._metrics import Listen, exposing_metrics, metrics_option
 
 if TYPE_CHECKING:
-    # Imported for types only: a module-level import of .cli (which imports this module)
-    # leaves mypy unable to type the command inside the import cycle.
-    from .cli import Settings
-    from .grpc.xds import ServicePolicy, XdsServer, XdsTls
+    from ..grpc.xds import ServicePolicy, XdsServer, XdsTls
 
 _FILE = click.Path(dir_okay=False)
 
 
 def _parse_policies(items: tuple[str, ...]) -> dict[str, ServicePolicy]:
-    from .grpc.xds import ServicePolicy as Policy
+    from ..grpc.xds import ServicePolicy as Policy
 
     policies: dict[str, ServicePolicy] = {}
     for item in items:
@@ -50,7 +57,7 @@ def _tls(
     bootstrap_cert: str | None,
     bootstrap_key: str | None,
 ) -> XdsTls | None:
-    from .grpc.xds import XdsTls as Tls
+    from ..grpc.xds import XdsTls as Tls
 
     if (cert is None) != (key is None):
         raise click.UsageError("--xds-cert and --xds-key go together")
@@ -172,7 +179,7 @@ async def _wait_registry(xds: XdsServer, stop: asyncio.Event, every: float) -> b
 @metrics_option
 @click.pass_obj
 def xds_cmd(
-    settings: Settings,
+    options: GlobalOptions,
     listen: str,
     print_bootstrap: bool,
     xds_cert: str | None,
@@ -196,13 +203,10 @@ def xds_cmd(
     bootstrap gives clients gRFC A65 "tls" credentials (--bootstrap-* files).
     The listening line is printed once the registry has been read.
     """
-    from .cli import fail, run_until_signal
-
     try:
-        from .grpc.xds import XdsServer, bootstrap_config
+        from ..grpc.xds import XdsServer, bootstrap_config
     except ImportError as exc:
         fail(str(exc))
-        return
 
     try:
         host, port = parse_listen(listen)
@@ -237,14 +241,15 @@ def xds_cmd(
         return
 
     async def main(stop: asyncio.Event) -> None:
+        settings = options.settings
         async with (
-            settings.client() as client,
+            AsyncClient(settings=settings) as client,
             XdsServer(client, listen=listen, policies=policies, retries=retries, tls=tls) as xds,
             exposing_metrics(metrics_listen, client, xds),
         ):
             if not await _wait_registry(xds, stop, max(settings.timeout, 1.0)):
                 return
-            if settings.json:
+            if options.json:
                 click.echo(json.dumps({"listen": xds.address}))
             else:
                 click.echo(f"xDS control plane listening on {xds.address}")

@@ -1,6 +1,6 @@
 """The xDS caller of ``etcdisco demo --grpc``, run as a process of its own.
 
-    python -m etcdisco._demo_grpc_xds --endpoints EP --service demo-echo
+    python -m etcdisco.demo.grpc_xds_client --endpoints EP --service demo-echo
 
 gRPC reads its xDS bootstrap once per process, so the demo calls through xDS from a
 process of its own: this one embeds a control plane fed by the registry
@@ -18,8 +18,8 @@ import threading
 
 import grpc
 
-from ._demo_grpc_server import METHOD
-from .grpc import xds
+from ..grpc import xds
+from .grpc_server import METHOD
 
 
 def _close_on_eof(stop: threading.Event) -> None:

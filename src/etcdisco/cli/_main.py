@@ -1,125 +1,47 @@
-"""The ``etcdisco`` command line."""
+"""The ``etcdisco`` group and its own commands; it wires in the other families.
+
+- the group: the global options, made into one :class:`GlobalOptions` per invocation
+  (``ctx.obj``);
+- ``register`` (one instance, in the foreground), ``list``, ``watch``;
+- ``etcd`` (a local single-node etcd for development) and ``demo`` (the demos of
+  :mod:`etcdisco.demo`);
+- ``resolve`` (:mod:`._resolve`), ``agent`` (:mod:`._agent`) and ``xds``
+  (:mod:`._xds`), added to the group at the bottom;
+- :func:`main`, the console entry point.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import logging
-import os
-import signal
-import sys
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, TypeVar
+import socket
+from typing import Any
 
 import click
 
-from ._async_client import AsyncClient
-from ._cli_agent import HealthOptions, ProbeOptions, agent_cmd, health_options, probe_options
-from ._cli_metrics import Listen, exposing_metrics, metrics_option
-from ._errors import EtcdiscoError
-from ._model import ChangeEvent, Instance
-from .etcd import DEFAULT_ENDPOINT
-from .registry import Registration, RegistrationState
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Settings:
-    endpoints: str
-    prefix: str
-    cacert: str | None
-    cert: str | None
-    key: str | None
-    user: str | None
-    timeout: float
-    json: bool
-
-    def client(self) -> AsyncClient:
-        password = os.environ.get("ETCDISCO_PASSWORD") if self.user else None
-        if self.user and password is None:
-            raise click.UsageError("--user needs the password in the ETCDISCO_PASSWORD variable")
-        return AsyncClient(
-            self.endpoints,
-            prefix=self.prefix,
-            cacert=self.cacert,
-            cert=self.cert,
-            key=self.key,
-            username=self.user,
-            password=password,
-            timeout=self.timeout,
-        )
-
-
-def log_to_stderr(level: str | int) -> None:
-    """Log records at ``level`` to stderr, unless logging is set up already."""
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-
-def fail(message: str, code: int = 1) -> None:
-    click.echo(f"etcdisco: error: {message}", err=True)
-    sys.exit(code)
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except EtcdiscoError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-def run_until_signal(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
-    """Run ``main(stop)`` where ``stop`` is set on SIGINT or SIGTERM."""
-
-    async def runner() -> T:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            return await main(stop)
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-
-    with _errors():
-        return asyncio.run(runner())
-    raise AssertionError("unreachable")
-
-
-def _parse_meta(items: tuple[str, ...]) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    for item in items:
-        name, sep, raw = item.partition("=")
-        if not sep or not name:
-            raise click.BadParameter(f"{item!r} is not key=value", param_hint="--meta")
-        value: Any = raw
-        # Numbers and booleans keep their type so weights compare as numbers.
-        try:
-            value = json.loads(raw)
-            if isinstance(value, (dict, list)):
-                value = raw
-        except ValueError:
-            value = raw
-        meta[name] = value
-    return meta
-
-
-def _instance_line(inst: Instance) -> str:
-    meta = ",".join(f"{k}={v}" for k, v in sorted(inst.metadata.items()))
-    return f"{inst.service:<20} {inst.id:<28} {inst.address:<24} {meta}"
-
-
-def _event_json(ev: ChangeEvent) -> str:
-    return json.dumps({"event": ev.type.value, **ev.instance.to_dict()}, sort_keys=True)
+from .._async_client import AsyncClient
+from .._model import Instance
+from ..agent import ProbeServer, ReadyFile, describe
+from ..demo import run_demo
+from ..etcd import DEFAULT_ENDPOINT
+from ..registry import Registration, RegistrationState
+from ..testing import LocalEtcd, LocalEtcdError
+from ._agent import HealthOptions, ProbeOptions, agent_cmd, health_options, probe_options
+from ._common import (
+    ConnectionOptions,
+    GlobalOptions,
+    event_json,
+    fail,
+    instance_json,
+    instance_line,
+    log_to_stderr,
+    run_until_signal,
+    say,
+)
+from ._metrics import Listen, exposing_metrics, metrics_option
+from ._resolve import resolve_cmd
+from ._xds import xds_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -159,7 +81,26 @@ def cli(
     """Service registration and discovery on etcd."""
     if log_level:
         log_to_stderr(log_level.upper())
-    ctx.obj = Settings(endpoints, prefix, cacert, cert, key, user, timeout, as_json)
+    connection = ConnectionOptions(endpoints, prefix, cacert, cert, key, user, timeout)
+    ctx.obj = GlobalOptions(connection, json=as_json, log_level=log_level)
+
+
+def _parse_meta(items: tuple[str, ...]) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not key=value", param_hint="--meta")
+        value: Any = raw
+        # Numbers and booleans keep their type so weights compare as numbers.
+        try:
+            value = json.loads(raw)
+            if isinstance(value, (dict, list)):
+                value = raw
+        except ValueError:
+            value = raw
+        meta[name] = value
+    return meta
 
 
 @cli.command()
@@ -173,7 +114,7 @@ def cli(
 @metrics_option
 @click.pass_obj
 def register(
-    settings: Settings,
+    options: GlobalOptions,
     service: str,
     address: str,
     instance_id: str | None,
@@ -184,15 +125,16 @@ def register(
     metrics_listen: Listen | None,
 ) -> None:
     """Register SERVICE at ADDRESS and keep it alive until SIGINT/SIGTERM."""
-    from .agent import ProbeServer, ReadyFile, describe
-
     metadata = _parse_meta(meta)
 
     async def main(stop: asyncio.Event) -> None:
         marker = ReadyFile(probes.ready_file) if probes.ready_file else None
         probe: ProbeServer | None = None
         try:
-            async with settings.client() as client, exposing_metrics(metrics_listen, client):
+            async with (
+                AsyncClient(settings=options.settings) as client,
+                exposing_metrics(metrics_listen, client),
+            ):
                 reg = await client.register(
                     service,
                     address,
@@ -202,12 +144,12 @@ def register(
                     checks=health.checks,
                     on_failing=health.on_failing,
                 )
-                _say_registered(settings, reg)
+                _say_registered(options, reg)
 
                 def on_state(r: Registration, state: RegistrationState) -> None:
                     if marker is not None:
                         marker.update(state is RegistrationState.REGISTERED)
-                    if settings.json:
+                    if options.json:
                         click.echo(json.dumps({"key": r.key, "state": state.value}))
                     else:
                         click.echo(f"{r.key}: {state.value}")
@@ -222,10 +164,10 @@ def register(
                 if probes.listen is not None:
                     probe = ProbeServer(status, *probes.listen)
                     await probe.start()
-                    _say(settings, "listening", f"probes on port {probe.port}", port=probe.port)
+                    say(options, "listening", f"probes on port {probe.port}", port=probe.port)
                 await stop.wait()
                 await reg.deregister()
-                if not settings.json:
+                if not options.json:
                     click.echo(f"deregistered {reg.key}")
         finally:
             if probe is not None:
@@ -236,15 +178,8 @@ def register(
     run_until_signal(main)
 
 
-def _say(settings: Settings, event: str, text: str, **fields: Any) -> None:
-    if settings.json:
-        click.echo(json.dumps({"event": event, **fields}, sort_keys=True))
-    else:
-        click.echo(text)
-
-
-def _say_registered(settings: Settings, reg: Registration) -> None:
-    if settings.json:
+def _say_registered(options: GlobalOptions, reg: Registration) -> None:
+    if options.json:
         click.echo(
             json.dumps(
                 {
@@ -265,46 +200,50 @@ def _say_registered(settings: Settings, reg: Registration) -> None:
 @cli.command("list")
 @click.argument("service", required=False)
 @click.pass_obj
-def list_(settings: Settings, service: str | None) -> None:
+def list_(options: GlobalOptions, service: str | None) -> None:
     """List the instances of SERVICE (or of every service)."""
 
     async def main(stop: asyncio.Event) -> list[Instance]:
-        async with settings.client() as client:
+        async with AsyncClient(settings=options.settings) as client:
             return list(await client.list_instances(service))
 
     instances = run_until_signal(main)
-    if settings.json:
+    if options.json:
         for inst in instances:
-            click.echo(json.dumps(inst.to_dict(), sort_keys=True))
+            click.echo(instance_json(inst))
         return
     if not instances:
         click.echo("no instances" + (f" of {service}" if service else ""))
         return
     click.echo(f"{'SERVICE':<20} {'ID':<28} {'ADDRESS':<24} METADATA")
     for inst in instances:
-        click.echo(_instance_line(inst))
+        click.echo(instance_line(inst))
 
 
 @cli.command()
 @click.argument("service", required=False)
 @metrics_option
 @click.pass_obj
-def watch(settings: Settings, service: str | None, metrics_listen: Listen | None) -> None:
+def watch(options: GlobalOptions, service: str | None, metrics_listen: Listen | None) -> None:
     """Print the instances, then one line per change, until interrupted."""
 
     async def main(stop: asyncio.Event) -> None:
-        async with settings.client() as client, exposing_metrics(metrics_listen, client):
+        settings = options.settings
+        async with (
+            AsyncClient(settings=settings) as client,
+            exposing_metrics(metrics_listen, client),
+        ):
             opening = client.discover(service) if service else client.discover_all()
             async with opening as cache:
                 events = cache.events()
                 await cache.wait_ready(settings.timeout)
                 for inst in cache.instances():
-                    if settings.json:
+                    if options.json:
                         click.echo(
                             json.dumps({"event": "existing", **inst.to_dict()}, sort_keys=True)
                         )
                     else:
-                        click.echo(f"= {_instance_line(inst)}")
+                        click.echo(f"= {instance_line(inst)}")
                 cache.add_state_listener(
                     lambda state: click.echo(f"# cache {state.value}", err=True)
                 )
@@ -319,11 +258,11 @@ def watch(settings: Settings, service: str | None, metrics_listen: Listen | None
                             nxt.cancel()
                             return
                         ev = nxt.result()
-                        if settings.json:
-                            click.echo(_event_json(ev))
+                        if options.json:
+                            click.echo(event_json(ev))
                         else:
                             mark = {"added": "+", "removed": "-", "updated": "~"}[ev.type.value]
-                            click.echo(f"{mark} {_instance_line(ev.instance)}")
+                            click.echo(f"{mark} {instance_line(ev.instance)}")
                 finally:
                     stopper.cancel()
 
@@ -339,8 +278,6 @@ def watch(settings: Settings, service: str | None, metrics_listen: Listen | None
 )
 def etcd_cmd(data_dir: str | None, port: int | None) -> None:
     """Run a local single-node etcd for development until SIGINT."""
-    from ._local_etcd import LocalEtcd, LocalEtcdError
-
     if port is None and _port_free(2379):
         port = 2379
     try:
@@ -362,8 +299,6 @@ def etcd_cmd(data_dir: str | None, port: int | None) -> None:
 
 
 def _port_free(port: int) -> bool:
-    import socket
-
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))
@@ -377,15 +312,18 @@ def _port_free(port: int) -> bool:
 @click.option("--ttl", default=3, show_default=True, type=click.IntRange(2, 30))
 @click.option("--grpc", "grpc_mode", is_flag=True, help="gRPC servers: rolling restart under load.")
 @click.pass_obj
-def demo(settings: Settings, instances: int, ttl: int, grpc_mode: bool) -> None:
+def demo(options: GlobalOptions, instances: int, ttl: int, grpc_mode: bool) -> None:
     """Register instances, follow them, crash one, stop one (local etcd if needed)."""
+    run = run_demo
     if grpc_mode:
-        from ._demo_grpc import run_grpc_demo as run_demo
-    else:
-        from ._demo import run_demo
+        # Needs the grpc extra (etcdisco.grpc): imported only when asked for.
+        from ..demo._grpc import run_grpc_demo
+
+        run = run_grpc_demo
 
     async def main(stop: asyncio.Event) -> None:
-        task = asyncio.ensure_future(run_demo(settings.endpoints, instances, ttl))
+        # The demos reach etcd at the endpoints alone (plaintext, no user): as typed.
+        task = asyncio.ensure_future(run(options.connection.endpoints, instances, ttl))
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
@@ -397,19 +335,10 @@ def demo(settings: Settings, instances: int, ttl: int, grpc_mode: bool) -> None:
     run_until_signal(main)
 
 
-from ._cli_balancing import resolve_cmd  # noqa: E402
-
 cli.add_command(resolve_cmd)
 cli.add_command(agent_cmd)
-
-from ._cli_xds import xds_cmd  # noqa: E402
-
 cli.add_command(xds_cmd)
 
 
 def main() -> None:
     cli(prog_name="etcdisco")
-
-
-if __name__ == "__main__":
-    main()

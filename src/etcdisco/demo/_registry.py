@@ -8,58 +8,21 @@ one stop gracefully (gone at once).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import click
 
-from ._async_client import AsyncClient
-from ._errors import EtcdError
-from ._local_etcd import LocalEtcd
-from ._model import ChangeEvent, EventType
-from .balancing import RoundRobin
-from .discovery import EventStream, ServiceCache
+from .._async_client import AsyncClient
+from .._model import ChangeEvent, EventType
+from ..balancing import RoundRobin
+from ..discovery import EventStream, ServiceCache
+from ._common import Clock, local_etcd_if_needed, reachable
 
 SERVICE = "sample"
 ZONES = ("zone-a", "zone-b", "zone-c")
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.start = time.monotonic()
-
-    def say(self, text: str) -> None:
-        click.echo(f"[{time.monotonic() - self.start:6.2f}s] {text}")
-
-
-async def _reachable(endpoints: str) -> bool:
-    try:
-        async with AsyncClient(endpoints, timeout=1.0) as c:
-            await c.etcd.get("etcdisco-demo-probe")
-        return True
-    except EtcdError:
-        return False
-
-
-@contextlib.contextmanager
-def _local_etcd_if_needed(endpoints: str, reachable: bool, clock: _Clock) -> Iterator[str]:
-    if reachable:
-        clock.say(f"using etcd at {endpoints}")
-        yield endpoints
-        return
-    clock.say(f"no etcd reachable at {endpoints}; starting a local one")
-    member = LocalEtcd(name="etcdisco-demo")
-    member.start()
-    clock.say(f"local etcd {member.version} listening on {member.endpoint}")
-    try:
-        yield member.endpoint
-    finally:
-        member.close()
-        clock.say("local etcd stopped")
 
 
 def _address(index: int) -> str:
@@ -90,7 +53,7 @@ def _spawn(endpoint: str, index: int, ttl: int) -> subprocess.Popen[bytes]:
     )
 
 
-def _show(cache: ServiceCache, clock: _Clock) -> None:
+def _show(cache: ServiceCache, clock: Clock) -> None:
     rows = cache.instances()
     clock.say(f"live view: {len(rows)} instance(s) of {SERVICE}")
     for inst in rows:
@@ -105,7 +68,7 @@ def _event_line(ev: ChangeEvent) -> str:
 
 
 async def _until(
-    events: EventStream, kind: EventType, address: str, timeout: float, clock: _Clock
+    events: EventStream, kind: EventType, address: str, timeout: float, clock: Clock
 ) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -116,8 +79,8 @@ async def _until(
 
 
 async def run_demo(endpoints: str, instances: int = 3, ttl: int = 3) -> None:
-    clock = _Clock()
-    with _local_etcd_if_needed(endpoints, await _reachable(endpoints), clock) as endpoint:
+    clock = Clock()
+    with local_etcd_if_needed(endpoints, await reachable(endpoints), clock) as endpoint:
         procs: list[subprocess.Popen[bytes]] = []
         try:
             async with AsyncClient(endpoint) as client, client.discover(SERVICE) as cache:

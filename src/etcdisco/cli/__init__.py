@@ -1,0 +1,17 @@
+"""The ``etcdisco`` command line, one module per command family.
+
+- ``_common``: the global options (one :class:`~etcdisco.ClientSettings` per
+  invocation, plus ``--json`` / ``--log-level``), errors, signals and output helpers;
+  it imports no command module.
+- ``_main``: the group, ``register``, ``list``, ``watch``, ``etcd``, ``demo``; it
+  wires in the families below.
+- ``_agent`` (``agent``, and the ``--check`` / probe options of ``register``),
+  ``_resolve`` (``resolve``), ``_xds`` (``xds``), ``_metrics`` (``--metrics-listen``).
+
+``main`` is the console entry point (``etcdisco``, ``python -m etcdisco``); ``cli``
+is the click group.
+"""
+
+from ._main import cli, main
+
+__all__ = ["cli", "main"]
