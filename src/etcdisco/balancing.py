@@ -57,6 +57,9 @@ Clock = Callable[[], float]
 
 
 class Picker(Protocol):
+    """What a balancing policy is: ``pick`` one instance per call. Pickers that keep
+    per-call state also have ``started(instance)`` and ``finished(instance)``."""
+
     def pick(self, instances: Sequence[Instance], key: str | None = None) -> Instance | None:
         """One healthy instance of ``instances`` (``key`` steers hashing policies)."""
         ...

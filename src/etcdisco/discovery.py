@@ -51,6 +51,8 @@ _DENIED_BACKOFF = Backoff(initial=5.0, maximum=60.0)
 
 
 class CacheState(enum.StrEnum):
+    """Where a cache stands with etcd (``ServiceCache.state``)."""
+
     CONNECTING = "connecting"  # no list has succeeded yet
     SYNCED = "synced"  # following etcd live
     STALE = "stale"  # etcd unreachable; serving the last known instances
@@ -365,6 +367,7 @@ class ServiceCache:
         self._queues: list[asyncio.Queue[ChangeEvent | None]] = []
         self._listeners: list[EventListener] = []
         self._state_listeners: list[Callable[[CacheState], None]] = []
+        self._told: CacheState | None = None  # the last state its listeners heard
         self._closed = False
 
     @property
@@ -425,7 +428,13 @@ class ServiceCache:
             self._listeners.remove(listener)
 
     def add_state_listener(self, listener: Callable[[CacheState], None]) -> None:
+        """Call ``listener(state)`` on every change of :attr:`state` (on the event
+        loop), ``closed`` last."""
         self._state_listeners.append(listener)
+
+    def remove_state_listener(self, listener: Callable[[CacheState], None]) -> None:
+        if listener in self._state_listeners:
+            self._state_listeners.remove(listener)
 
     def _deliver(self, events: list[ChangeEvent]) -> None:
         for q in self._queues:
@@ -443,8 +452,12 @@ class ServiceCache:
             self._closed = True
             for q in self._queues:
                 q.put_nowait(None)
+            self._state_changed(CacheState.CLOSED)
 
     def _state_changed(self, state: CacheState) -> None:
+        if state is self._told:
+            return
+        self._told = state
         for listener in list(self._state_listeners):
             try:
                 listener(state)
@@ -465,6 +478,7 @@ class ServiceCache:
         self._closed = True
         for q in self._queues:
             q.put_nowait(None)
+        self._state_changed(CacheState.CLOSED)
         await self._watcher.unsubscribe(self)
 
     async def __aenter__(self) -> ServiceCache:

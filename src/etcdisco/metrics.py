@@ -440,6 +440,7 @@ def track(*objects: object) -> None:
 
 
 def untrack(*objects: object) -> None:
+    """Stop reporting ``objects`` (the opposite of ``track``)."""
     collector = _default_collector()
     for obj in objects:
         collector.untrack(obj)

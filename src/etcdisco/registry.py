@@ -28,11 +28,13 @@ from ._errors import (
     RegistrationError,
 )
 from ._lease import LeaseKeeper, RegistrationState
+from ._metadata import check_metadata
 from ._model import Status, encode_value, instance_key, validate_instance_id, validate_service_name
 from .health import Check, CheckResult
 from .health._guard import HealthGuard, OnFailing, validate_checks
 
 __all__ = [
+    "MAX_TTL",
     "MIN_TTL",
     "LeaseKeeper",
     "Registration",
@@ -44,6 +46,7 @@ __all__ = [
 log = logging.getLogger("etcdisco.registry")
 
 MIN_TTL = 2  # etcd's minimum with the default election timeout
+MAX_TTL = 9_000_000_000  # etcd's MaxLeaseTTL: a grant above it fails "too large lease TTL"
 
 
 StateListener = Callable[["Registration", RegistrationState], None]
@@ -252,6 +255,7 @@ class Registration:
         the keeper writes the value as soon as etcd answers again (see ``in_sync``).
         A drained instance stays draining."""
         self._check_open()
+        check_metadata(metadata)
         encode_value(self.address, metadata)  # validate before changing anything
         self._metadata = dict(metadata)
         self._encode()
@@ -320,6 +324,7 @@ def make_registration(
     """Validate everything before anything is written."""
     service = validate_service_name(service)
     address = normalize_address(address)
+    check_metadata(metadata or {})
     instance_id = validate_instance_id(instance_id if instance_id is not None else address)
     found, mode = validate_checks(checks, on_failing)
     return Registration(
@@ -335,6 +340,8 @@ def make_registration(
 
 
 def validate_ttl(ttl: int) -> int:
-    if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < MIN_TTL:
-        raise ConfigError(f"ttl must be an integer >= {MIN_TTL} seconds, got {ttl!r}")
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or not MIN_TTL <= ttl <= MAX_TTL:
+        raise ConfigError(
+            f"ttl must be an integer from {MIN_TTL} to {MAX_TTL:,} seconds, got {ttl!r}"
+        )
     return ttl

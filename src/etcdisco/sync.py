@@ -43,7 +43,25 @@ class _LoopThread:
 
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
+        try:
+            self.loop.run_forever()
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        """What asyncio.run does on the way out: cancel what is left and let it end,
+        so nothing is destroyed while pending (which Python reports at exit)."""
+        loop = self.loop
+        try:
+            left = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            for task in left:
+                task.cancel()
+            if left:
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         try:
@@ -76,10 +94,9 @@ class _LoopThread:
 
     def stop(self) -> None:
         self._stopped = True
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
-        if not self._thread.is_alive():
-            self.loop.close()
 
 
 class _Dispatcher:
@@ -194,12 +211,15 @@ class SyncRegistration:
         self._client._call_in_loop(lambda: self._reg.add_health_listener(relay))
 
     def update(self, metadata: Mapping[str, Any]) -> None:
+        """See :meth:`Registration.update`."""
         self._client._run(self._reg.update(metadata))
 
     def drain(self, wait: float = 0.0) -> None:
+        """See :meth:`Registration.drain`."""
         self._client._run(self._reg.drain(wait), timeout=wait + self._client._timeout)
 
     def deregister(self, timeout: float = 5.0) -> None:
+        """See :meth:`Registration.deregister`."""
         self._client._run(self._reg.deregister(timeout), timeout=timeout + 1)
 
     def __enter__(self) -> SyncRegistration:
@@ -218,6 +238,7 @@ class SyncServiceCache:
         self._events: queue.SimpleQueue[ChangeEvent] | None = None
         # What each listener given to add_listener() or follow() was wrapped in.
         self._relays: dict[Callable[..., None], EventListener] = {}
+        self._state_relays: dict[Callable[..., None], Callable[[CacheState], None]] = {}
 
     @property
     def state(self) -> CacheState:
@@ -245,9 +266,16 @@ class SyncServiceCache:
         def relay(state: CacheState) -> None:
             self._client._dispatch.submit(lambda: listener(state))
 
+        self._state_relays[listener] = relay
         self._client._call_in_loop(lambda: self._cache.add_state_listener(relay))
 
+    def remove_state_listener(self, listener: Callable[[CacheState], None]) -> None:
+        relay = self._state_relays.pop(listener, None)
+        if relay is not None and not self._client._closed:
+            self._client._call_in_loop(lambda: self._cache.remove_state_listener(relay))
+
     def instances(self) -> tuple[Instance, ...]:
+        """See :meth:`ServiceCache.instances`."""
         # Snapshots are immutable tuples rebuilt on the loop; reading the dict from
         # here races with the loop's updates, so build the tuple there.
         return self._client._run(_snapshot(self._cache))
@@ -263,9 +291,12 @@ class SyncServiceCache:
         return {name: tuple(items) for name, items in out.items()}
 
     def wait_ready(self, timeout: float | None = None) -> None:
+        """See :meth:`ServiceCache.wait_ready`."""
         self._client._run(self._cache.wait_ready(timeout))
 
     def add_listener(self, listener: Callable[[list[ChangeEvent]], None]) -> None:
+        """Call ``listener(events)`` with each batch of changes, on the callback thread."""
+
         def relay(events: list[ChangeEvent]) -> None:
             self._client._dispatch.submit(lambda: listener(events))
 
@@ -324,16 +355,88 @@ class SyncServiceCache:
         except queue.Empty:
             return None
 
+    def events(self) -> SyncEventStream:
+        """Change events from this call on, as a blocking iterator that ends when the
+        cache closes; subscribe before acting on etcd so no change is missed."""
+        stream = SyncEventStream(self)
+
+        async def subscribe() -> None:
+            self._cache.add_listener(stream._feed)
+            self._cache.add_state_listener(stream._state)
+            if self._cache.state is CacheState.CLOSED:
+                stream._state(CacheState.CLOSED)
+
+        self._client._run(subscribe())
+        return stream
+
+    def _unsubscribe(self, stream: SyncEventStream) -> None:
+        if not self._client._closed:
+
+            def remove() -> None:
+                self._cache.remove_listener(stream._feed)
+                self._cache.remove_state_listener(stream._state)
+
+            self._client._call_in_loop(remove)
+
     def __iter__(self) -> Iterator[ChangeEvent]:
-        while self._cache.state is not CacheState.CLOSED:
-            ev = self.next_event(timeout=0.5)
-            if ev is not None:
-                yield ev
+        return iter(self.events())
 
     def close(self) -> None:
         self._client._run(self._cache.close())
 
     def __enter__(self) -> SyncServiceCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SyncEventStream:
+    """One subscriber's change events, for sync code: iterate (blocks until the next
+    event, ends when the cache closes) or :meth:`get` with a timeout."""
+
+    def __init__(self, cache: SyncServiceCache) -> None:
+        self._cache = cache
+        self._queue: queue.SimpleQueue[ChangeEvent | None] = queue.SimpleQueue()
+        self._ended = False
+
+    # Called on the loop.
+    def _feed(self, events: list[ChangeEvent]) -> None:
+        for ev in events:
+            self._queue.put(ev)
+
+    def _state(self, state: CacheState) -> None:
+        if state is CacheState.CLOSED:
+            self._queue.put(None)
+
+    def get(self, timeout: float | None = None) -> ChangeEvent | None:
+        """The next event; None after ``timeout`` seconds, or once the stream ended."""
+        if self._ended:
+            return None
+        try:
+            ev = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if ev is None:
+            self._ended = True
+        return ev
+
+    def __iter__(self) -> SyncEventStream:
+        return self
+
+    def __next__(self) -> ChangeEvent:
+        ev = self.get()
+        if ev is None:
+            raise StopIteration
+        return ev
+
+    def close(self) -> None:
+        """Stop collecting events (iteration ends)."""
+        if not self._ended:
+            self._cache._unsubscribe(self)
+            self._queue.put(None)
+
+    def __enter__(self) -> SyncEventStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -416,6 +519,8 @@ class Client:
         checks: Sequence[Check] = (),
         on_failing: str = "mark",
     ) -> SyncRegistration:
+        """See :meth:`AsyncClient.register`; blocks until the first write is done."""
+
         async def open_() -> Registration:
             return await self._async.register(
                 service,
@@ -455,18 +560,24 @@ class Client:
         return self._run(self._async.list_instances(service))
 
     def discover(self, service: str) -> SyncServiceCache:
+        """See :meth:`AsyncClient.discover`; call ``wait_ready()`` on the result."""
+
         async def open_() -> ServiceCache:
             return await self._async.discover(service)
 
         return SyncServiceCache(self, self._run(open_()))
 
     def discover_all(self) -> SyncServiceCache:
+        """See :meth:`AsyncClient.discover_all`."""
+
         async def open_() -> ServiceCache:
             return await self._async.discover_all()
 
         return SyncServiceCache(self, self._run(open_()))
 
     def close(self, timeout: float = 5.0) -> None:
+        """Deregister everything (bounded by ``timeout``), stop every cache, and stop
+        the loop and callback threads."""
         if self._closed:
             return
         self._closed = True

@@ -223,7 +223,7 @@ def test_agent_check_config_reports_errors(tmp_path: Path) -> None:
         timeout=30,
     )
     assert res.returncode == 2
-    assert "bad.yaml:4: services[0].ttl: ttl must be an integer >= 2" in res.stderr
+    assert "bad.yaml:4: services[0].ttl: ttl must be an integer from 2 to" in res.stderr
 
 
 async def test_register_with_check_marks_unhealthy_then_deregisters(etcd, listener) -> None:
@@ -283,3 +283,90 @@ async def test_register_readiness_follows_the_lease(etcd, agents, tmp_path: Path
 
     assert await reg.stop() == 0
     assert not ready_file.exists()
+
+
+def test_agent_check_config_reports_every_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "services:\n"
+        "  - {name: web, address: nope}\n"  # 2
+        "  - {name: db, address: 1.2.3.4:5, ttl: 9000000001}\n"  # 3
+        "  - name: api\n    address: 1.2.3.4:6\n    metadata: {weight: heavy}\n"  # 6
+        "    checks:\n      - command: [true]\n"  # 8
+    )
+    res = subprocess.run(
+        [*CLI, "agent", "--config", str(path), "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 2
+    lines = res.stderr.splitlines()
+    assert all(line.startswith(f"etcdisco: error: {path}:") for line in lines), res.stderr
+    expected = [
+        "bad.yaml:2: services[0].address: invalid address",
+        "bad.yaml:3: services[1].ttl: ttl must be an integer from 2 to 9,000,000,000",
+        "bad.yaml:6: services[2].metadata.weight: metadata 'weight' must be an integer",
+        "bad.yaml:8: services[2].checks[0].command: unknown check; it is called 'exec'",
+    ]
+    assert len(lines) == len(expected), res.stderr
+    for line, message in zip(lines, expected, strict=True):
+        assert message in line, (message, line)
+
+
+async def test_agent_reports_what_etcd_refuses_and_is_not_ready(
+    etcd_auth, agents, tmp_path: Path
+) -> None:
+    """Permission denied on one key: said once at error level and as a ``failed``
+    event, the agent never claims to be ready (not even while it shuts down), the
+    other service is registered, and a reload after the grant registers it."""
+    member, _, _ = etcd_auth
+    for args in (
+        ("role", "add", "registrant-echo"),
+        ("role", "grant-permission", "registrant-echo", "readwrite", "services/echo/",
+         "--prefix=true"),
+        ("user", "add", "echo-svc:echo-pw"),
+        ("user", "grant-role", "echo-svc", "registrant-echo"),
+    ):  # fmt: skip
+        member.etcdctl(*args)
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        "services:\n"
+        "  - {name: echo, address: 127.0.0.1:7501, ttl: 3}\n"
+        "  - {name: billing, address: 127.0.0.1:7502, ttl: 3}\n"
+    )
+    ready_file = tmp_path / "ready"
+    agent = await CliProcess.start(
+        "--endpoints", member.endpoint, "--user", "echo-svc", "--json", "agent",
+        "--config", str(path), "--health-listen", "127.0.0.1:0", "--ready-file", str(ready_file),
+        env={"ETCDISCO_PASSWORD": "echo-pw"},
+    )  # fmt: skip
+    agents.append(agent)
+    port = (await agent.event("listening"))["port"]
+    failed = await agent.event("failed")
+    assert failed["key"] == "services/billing/127.0.0.1:7502"
+    assert "permission denied" in failed["error"]
+    await agent.line("ERROR etcdisco.agent: etcd refused to register services/billing", stderr=True)
+
+    async def echo_registered() -> bool:
+        status, body = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/ready")
+        states = {row["key"]: row["state"] for row in body["registrations"]}
+        return status == 503 and states == {
+            "services/echo/127.0.0.1:7501": "registered",
+            "services/billing/127.0.0.1:7502": "failed",
+        }
+
+    await eventually(echo_registered, 10, "echo never registered beside the refused billing")
+    assert not ready_file.exists()
+
+    # The grant comes; a reload tries the refused entry again at once.
+    member.etcdctl("role", "grant-permission", "registrant-echo", "readwrite",
+                   "services/billing/", "--prefix=true")  # fmt: skip
+    agent.proc.send_signal(signal.SIGHUP)
+    await agent.event("reloaded")
+    await agent.event("ready")
+    assert ready_file.exists()
+    assert await agent.stop() == 0
+    assert len(agent.json_events("failed")) == 1
+    assert len(agent.json_events("ready")) == 1  # none while shutting down
+    assert sum("refused to register" in line for line in agent.err) == 1

@@ -113,8 +113,8 @@ async def test_agent_with_wrong_password_says_so_and_is_never_ready(
     member, user, password = etcd_auth
     env = {"ETCDISCO_PASSWORD": password + "-wrong"}
     async with agent(member.endpoint, ["--user", user], tmp_path / "agent.yaml", env) as proc:
-        failed = await proc.line("registering", stderr=True)
-        assert "authentication failed" in failed.lower(), failed
+        failed = await proc.line("refused to register", stderr=True)
+        assert " ERROR " in failed and "authentication failed" in failed.lower(), failed
         assert proc.json_events("ready") == [], proc.said()
         assert await proc.stop() == 0, proc.said()
         assert password not in proc.everything()

@@ -27,7 +27,7 @@ async def test_resolve_picks_registered_instances(etcd) -> None:
         ]
 
         hashed = [
-            await resolve(ep, "resolve", "echo", "--policy", "ring_hash", "--key", "user-1")
+            await resolve(ep, "resolve", "echo", "--policy", "ring_hash", "--hash-key", "user-1")
             for _ in range(2)
         ]
         assert all(r.returncode == 0 for r in hashed), [r.stderr for r in hashed]
@@ -66,3 +66,9 @@ async def test_resolve_without_instances_fails_with_one_line(etcd) -> None:
         assert res.stderr == "etcdisco: error: no healthy instance of echo\n"
         assert res.stdout == ""
         await reg.deregister()
+
+
+async def test_key_is_the_tls_key_and_the_hash_key_is_hash_key() -> None:
+    res = await resolve("127.0.0.1:1", "resolve", "echo", "--policy", "ring_hash", "--key", "u1")
+    assert res.returncode == 2
+    assert "the ring_hash key is --hash-key" in res.stderr, res.stderr

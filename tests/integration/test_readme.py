@@ -45,3 +45,38 @@ def test_readme_testing_fixture_runs_under_pytest(etcd_binary: Path, tmp_path: P
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "1 passed" in res.stdout, res.stdout
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+DOC_BLOCKS = [
+    (page, block)
+    for page in ("getting-started.md", "concepts.md")
+    for block in re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.S)
+]
+
+
+@pytest.mark.parametrize(("page", "block"), DOC_BLOCKS, ids=[p for p, _ in DOC_BLOCKS])
+def test_docs_example_runs(etcd, page: str, block: str) -> None:
+    env = {**os.environ, "ETCDISCO_ENDPOINTS": etcd.endpoint}
+    res = subprocess.run(
+        [sys.executable, "-c", block], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, f"example in docs/{page} failed:\n{res.stderr}"
+
+
+@pytest.mark.parametrize("fence", ["yaml", "toml"])
+def test_docs_agent_config_examples_are_valid(tmp_path: Path, fence: str) -> None:
+    page = (DOCS / "guides" / "agent.md").read_text()
+    # Agent configs (the page also shows a Kubernetes probe snippet).
+    blocks = [b for b in re.findall(rf"```{fence}\n(.*?)```", page, flags=re.S) if "services" in b]
+    assert blocks
+    for n, block in enumerate(blocks):
+        path = tmp_path / f"agent{n}.{fence}"
+        path.write_text(block)
+        res = subprocess.run(
+            [sys.executable, "-m", "etcdisco", "agent", "--config", str(path), "--check-config"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode == 0, f"docs/guides/agent.md {fence} example {n}: {res.stderr}"

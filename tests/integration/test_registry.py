@@ -181,11 +181,14 @@ async def test_revoked_lease_is_regranted_and_keys_reput(etcd) -> None:
         assert info.ttl > 0
 
 
-async def test_twin_holding_the_key_is_not_fought(etcd) -> None:
-    """A key owned by another live lease (same instance id elsewhere) is left alone."""
+async def test_twin_holding_the_key_is_not_fought(etcd, caplog: pytest.LogCaptureFixture) -> None:
+    """A key owned by another live lease (same instance id elsewhere) is left alone;
+    the new registrant says it took the key over, the old one that it lost it."""
+    caplog.set_level(logging.WARNING, "etcdisco.registry")
     async with AsyncClient(etcd.endpoint) as a, AsyncClient(etcd.endpoint) as b:
         ra = await a.register("echo", "127.0.0.1:9001", ttl=3)
         rb = await b.register("echo", "127.0.0.1:9001", ttl=3)  # takes the key over
+        assert f"was held by lease {ra.lease_id:x}" in caplog.text
         assert ra.lease_id != rb.lease_id
         # a's keeper notices the key is not on its lease (a's registration says lost),
         # and must not take it back.

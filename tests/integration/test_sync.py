@@ -153,3 +153,25 @@ def test_follow_pushes_whole_snapshots_built_on_the_loop(etcd) -> None:
         with pytest.raises(queue.Empty):
             seen.get(timeout=0.5)
         cache.close()
+
+
+def test_events_collect_from_the_call_and_end_with_the_cache(etcd) -> None:
+    with Client(etcd.endpoint) as server, Client(etcd.endpoint) as client:
+        cache = client.discover("echo")
+        cache.wait_ready(5)
+        events = cache.events()  # subscribed now: what follows is not missed
+        reg = server.register("echo", "127.0.0.1:8201", ttl=5)
+        first = events.get(timeout=5)
+        assert first is not None and first.type is EventType.ADDED
+        assert first.instance.key == reg.key
+        ended = threading.Event()
+
+        def drain() -> None:
+            for _ in events:
+                pass
+            ended.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        cache.close()
+        assert ended.wait(5), "iteration did not end when the cache closed"
+        assert events.get(timeout=0) is None

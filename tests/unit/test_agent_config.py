@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from etcdisco import ConfigError
-from etcdisco.agent import ServiceSpec, load_config
+from etcdisco.agent import ConfigFileError, ServiceSpec, load_config
 from etcdisco.health import CommandCheck, GrpcCheck, HttpCheck, OnFailing, TcpCheck
 
 YAML = """\
@@ -29,7 +30,7 @@ services:
     id: db-1
     ttl: 10
     checks:
-      - command: [pg_isready, -q]
+      - exec: [pg_isready, -q]
       - grpc:
         service: db
 """
@@ -58,7 +59,7 @@ name = "db"
 address = "127.0.0.1:5432"
 id = "db-1"
 ttl = 10
-checks = [{ command = "pg_isready -q" }, { grpc = "", service = "db" }]
+checks = [{ exec = "pg_isready -q" }, { grpc = "", service = "db" }]
 """
 
 EXPECTED = (
@@ -168,3 +169,69 @@ def test_unknown_formats_and_missing_files(tmp_path: Path) -> None:
         load_config(write(tmp_path, "a.json", "{}"))
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_every_error_of_a_file_is_reported(tmp_path: Path) -> None:
+    text = (
+        "defaults:\n  ttl: 1\n"  # 2
+        "services:\n"
+        "  - name: a\n    address: nope\n"  # 5
+        "  - name: b\n    address: 1.2.3.4:5\n    intervall: 3\n"  # 8
+        "    checks:\n      - udp\n"  # 10
+        "  - {name: c, address: 1.2.3.4:6, metadata: {weight: heavy}}\n"  # 11
+    )
+    with pytest.raises(ConfigFileError) as info:
+        load_config(write(tmp_path, "a.yaml", text))
+    errors = info.value.errors
+    expected = [
+        "a.yaml:5: services[0].address: invalid",
+        "a.yaml:8: services[1].intervall: unknown field",
+        "a.yaml:10: services[1].checks[0]: unknown check 'udp'",
+        "a.yaml:11: services[2].metadata.weight: metadata 'weight' must be an integer >= 0",
+    ]
+    for message in expected:
+        assert any(message in error for error in errors), (message, errors)
+    # The defaults' TTL is wrong for every service that uses it: said once.
+    assert sum("a.yaml:2: defaults.ttl: ttl must be" in error for error in errors) == 1
+    assert len(errors) == 5
+    assert str(info.value) == "\n".join(errors)
+
+
+def test_exec_is_the_check_name_of_the_command_line_too(tmp_path: Path) -> None:
+    text = "services:\n  - name: a\n    address: 1.2.3.4:5\n    checks:\n"
+    forms = (
+        "      - exec: [pg_isready, -q]\n      - exec: pg_isready -q\n      - exec:pg_isready -q\n"
+    )
+    (spec,) = load_config(write(tmp_path, "a.yaml", text + forms))
+    assert spec.checks == (CommandCheck(("pg_isready", "-q")),) * 3
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "a.yaml", text + "      - command: [pg_isready]\n"))
+    assert "a.yaml:5: services[0].checks[0].command: unknown check; it is called 'exec'" in str(
+        info.value
+    )
+
+
+@pytest.mark.parametrize(
+    "metadata,message",
+    [
+        ("{weight: 2.5}", "services[0].metadata.weight: metadata 'weight' must be an integer"),
+        ("{weight: -1}", "services[0].metadata.weight: metadata 'weight' must be an integer"),
+        ("{status: gone}", "services[0].metadata.status: metadata 'status' must be one of"),
+        ("{lb: random}", "services[0].metadata.lb: metadata 'lb' must be one of"),
+    ],
+)
+def test_reserved_metadata_is_checked_when_validating(
+    tmp_path: Path, metadata: str, message: str
+) -> None:
+    """As registering checks it: --check-config must not pass what etcdisco refuses."""
+    text = f"services:\n  - name: a\n    address: 1.2.3.4:5\n    metadata: {metadata}\n"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, "a.yaml", text))
+
+
+def test_a_ttl_above_etcds_maximum_is_refused(tmp_path: Path) -> None:
+    text = "services:\n  - {name: a, address: 1.2.3.4:5, ttl: 9000000001}\n"
+    with pytest.raises(ConfigError, match=r"a\.yaml:2: services\[0\]\.ttl: ttl must be an integer"):
+        load_config(write(tmp_path, "a.yaml", text))
+    ok = "services:\n  - {name: a, address: 1.2.3.4:5, ttl: 9000000000}\n"
+    assert load_config(write(tmp_path, "a.yaml", ok))[0].ttl == 9_000_000_000

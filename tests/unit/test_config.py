@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from etcdisco import ConfigError
+from etcdisco import AsyncClient, ClientSettings, ConfigError
 from etcdisco.etcd import EtcdConfig, TlsConfig, parse_endpoints
+from etcdisco.testing import TlsFiles, make_test_certs
 
 
 def test_endpoints_are_split_deduplicated_and_stripped_of_scheme() -> None:
@@ -47,3 +50,52 @@ def test_tls_files_must_exist(tmp_path) -> None:
         TlsConfig(ca=str(tmp_path / "missing.pem"))
     with pytest.raises(ConfigError, match="together"):
         TlsConfig(cert=str(tmp_path / "c.pem"))
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return make_test_certs(tmp_path_factory.mktemp("certs"))
+
+
+def test_good_tls_files_are_accepted(certs: TlsFiles) -> None:
+    TlsConfig(ca=str(certs.ca), cert=str(certs.client_cert), key=str(certs.client_key))
+
+
+@pytest.mark.parametrize(
+    ("which", "content", "fragment"),
+    [
+        ("ca", b"not a certificate\n", "holds no PEM certificate"),
+        ("ca", b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "ca file"),
+        ("cert", b"junk", "holds no PEM certificate"),
+        ("key", b"junk", "holds no PEM private key"),
+    ],
+)
+def test_junk_tls_files_are_named_at_once(
+    certs: TlsFiles, tmp_path: Path, which: str, content: bytes, fragment: str
+) -> None:
+    junk = tmp_path / f"junk-{which}.pem"
+    junk.write_bytes(content)
+    files = {"ca": str(certs.ca), "cert": str(certs.client_cert), "key": str(certs.client_key)}
+    files[which] = str(junk)
+    with pytest.raises(ConfigError, match=fragment) as info:
+        TlsConfig(**files)
+    assert str(junk) in str(info.value)
+
+
+def test_a_key_of_another_certificate_is_refused(certs: TlsFiles) -> None:
+    with pytest.raises(ConfigError, match="do not make a pair"):
+        TlsConfig(ca=str(certs.ca), cert=str(certs.client_cert), key=str(certs.server_key))
+
+
+def test_client_settings_check_tls_files_before_any_connection(tmp_path: Path) -> None:
+    junk = tmp_path / "ca.pem"
+    junk.write_text("hello")
+    with pytest.raises(ConfigError, match=r"ca\.pem"):
+        ClientSettings(endpoints=("127.0.0.1:1",), cacert=str(junk))
+
+
+@pytest.mark.parametrize("ttl", [1, 9_000_000_001, 2**70, 2.5, True])
+async def test_ttl_out_of_range_is_a_config_error(ttl: object) -> None:
+    async with AsyncClient("127.0.0.1:1") as client:
+        with pytest.raises(ConfigError, match="ttl must be an integer from 2 to 9,000,000,000"):
+            client.register("echo", "127.0.0.1:1", ttl=ttl)  # type: ignore[arg-type]

@@ -23,10 +23,6 @@ ASYNC_ONLY = {
         "lease_keepers",
         "watchers",
     },
-    "ServiceCache": {
-        # An async iterator; the blocking twin is next_event() and iteration.
-        "events",
-    },
 }
 
 

@@ -6,12 +6,13 @@ SIGHUP touching only what changed, and deregisters everything on SIGTERM.
 """
 
 from ._agent import Agent, Changes, describe
-from ._config import ServiceSpec, load_config, parse_config
+from ._config import ConfigFileError, ServiceSpec, load_config, parse_config
 from ._probe import ProbeServer, ReadyFile
 
 __all__ = [
     "Agent",
     "Changes",
+    "ConfigFileError",
     "ProbeServer",
     "ReadyFile",
     "ServiceSpec",

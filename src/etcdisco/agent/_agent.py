@@ -7,11 +7,17 @@ own lease keeper keeps it alive and heals it. :meth:`Agent.apply` moves from the
 current set to a new one touching only what differs: removed slots deregister,
 added ones register, a metadata-only change is one write under the same lease, any
 other change re-registers that one instance; equal specs are not touched at all.
+
+A registration etcd refuses (permission denied, a value it will not take) is not an
+outage: it is logged once at error level, the slot says ``failed`` with etcd's words
+(:meth:`Agent.failures`), the agent is not ready, and it is tried again only every
+minute (permissions can be granted later) or at once on the next :meth:`Agent.apply`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,12 +25,32 @@ from typing import Any
 
 from .._async_client import AsyncClient
 from .._backoff import Backoff
-from .._errors import ConfigError, EtcdError
+from .._errors import (
+    ClosedError,
+    CompactedError,
+    ConfigError,
+    EtcdError,
+    EtcdTimeoutError,
+    LeaseNotFoundError,
+    UnavailableError,
+)
 from ..health import CheckResult
 from ..registry import Registration, RegistrationState
 from ._config import ServiceSpec
 
 log = logging.getLogger("etcdisco.agent")
+
+REFUSED_RETRY = 60.0
+"""Seconds between attempts at a registration etcd refused (see :func:`refused`)."""
+
+_PASSING = (UnavailableError, EtcdTimeoutError, LeaseNotFoundError, ClosedError, CompactedError)
+
+
+def refused(exc: Exception) -> bool:
+    """True when etcd answered and said no (permission denied, authentication failed,
+    a request it will never take), as opposed to not answering (an outage, a timeout):
+    trying again in a second gives the same answer."""
+    return isinstance(exc, EtcdError) and not isinstance(exc, _PASSING)
 
 
 @dataclass
@@ -55,8 +81,10 @@ class _Slot:
         self.spec = spec
         self.reg: Registration | None = None
         self.error: str | None = None
+        self.failed = False  # etcd refused the last attempt (see refused())
         self._task: asyncio.Task[None] | None = None
         self._waiting = False  # in a backoff sleep: the only safe place to cancel
+        self._wake = asyncio.Event()
         self._stopping = False
 
     @property
@@ -71,6 +99,7 @@ class _Slot:
     async def _register(self) -> None:
         backoff = Backoff(initial=0.5, maximum=15.0)
         spec = self.spec
+        told: str | None = None
         while not self._stopping:
             try:
                 reg = await self._agent.client.register(
@@ -85,19 +114,33 @@ class _Slot:
             except asyncio.CancelledError:
                 raise
             except (EtcdError, ConfigError) as exc:
-                # ConfigError here means "already registered by this client": an
-                # instance moved between entries in one reload; it settles next try.
                 self.error = str(exc)
-                delay = backoff.next_delay()
-                log.warning("registering %s failed (%s); retrying in %.1fs", self.key, exc, delay)
+                self.failed = refused(exc)
+                if self.failed:
+                    delay = REFUSED_RETRY
+                    if self.error != told:  # once per distinct refusal, not every minute
+                        told = self.error
+                        log.error(
+                            "etcd refused to register %s: %s; trying again every %.0fs "
+                            "and on reload (SIGHUP)",
+                            self.key,
+                            exc,
+                            delay,
+                        )
+                else:
+                    # ConfigError here means "already registered by this client": an
+                    # instance moved between entries in one reload; it settles next try.
+                    delay = backoff.next_delay()
+                    log.warning(
+                        "registering %s failed (%s); retrying in %.1fs", self.key, exc, delay
+                    )
                 self._agent._notify()
-                self._waiting = True
-                try:
-                    await asyncio.sleep(delay)
-                finally:
-                    self._waiting = False
+                if self._stopping:  # stop() came while this attempt was in flight
+                    return
+                await self._pause(delay)
                 continue
             self.error = None
+            self.failed = False
             self.reg = reg
             reg.add_listener(self._agent._state_changed)
             reg.add_health_listener(self._agent._health_changed)
@@ -105,11 +148,29 @@ class _Slot:
             self._agent._notify()
             return
 
+    async def _pause(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, or until :meth:`retry_now` or :meth:`stop`."""
+        if self._stopping:
+            return
+        self._waiting = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+        finally:
+            self._waiting = False
+            self._wake.clear()
+
+    def retry_now(self) -> None:
+        """End the wait before the next attempt (a reload retries what etcd refused)."""
+        self._wake.set()
+
     async def stop(self, timeout: float) -> None:
         """Stop trying and deregister. A registration in flight is let finish first:
         cancelling it after etcd took the write could leave the key behind on a lease
         that the other registrations keep alive."""
         self._stopping = True
+        self._wake.set()
         task = self._task
         if task is not None and not task.done():
             if self._waiting:
@@ -151,6 +212,14 @@ class Agent:
     def keys(self) -> tuple[str, ...]:
         return tuple(self._slots)
 
+    def failures(self) -> dict[str, str]:
+        """The registrations etcd refused, by key, with etcd's answer."""
+        return {
+            key: slot.error or "refused"
+            for key, slot in self._slots.items()
+            if slot.failed and slot.reg is None
+        }
+
     def registration(self, key: str) -> Registration | None:
         slot = self._slots.get(key)
         return slot.reg if slot is not None else None
@@ -162,7 +231,8 @@ class Agent:
             if slot.reg is not None:
                 row = describe(slot.reg)
             else:
-                row = {"key": key, "address": slot.spec.address, "state": "pending"}
+                state = "failed" if slot.failed else "pending"
+                row = {"key": key, "address": slot.spec.address, "state": state}
                 row.update(lease=None, health=None, withdrawn=False, failures=[])
             rows.append({**row, "error": slot.error})
         return {"ready": self.ready, "registrations": rows}
@@ -187,6 +257,8 @@ class Agent:
                 continue
             if slot.spec == spec:
                 changes.unchanged.append(key)
+                if slot.failed:
+                    slot.retry_now()
             elif slot.reg is not None and slot.spec.only_metadata_differs(spec):
                 slot.spec = spec
                 try:
@@ -215,10 +287,12 @@ class Agent:
     async def close(self) -> None:
         """Deregister everything (each bounded by the timeout)."""
         async with self._lock:
+            # Not ready from the start: with its slots gone, the agent must not look
+            # ready (all of no registrations live) while it deregisters.
+            self._applied = False
             slots = list(self._slots.values())
             self._slots.clear()
             await asyncio.gather(*(slot.stop(self._timeout) for slot in slots))
-        self._applied = False
         self._notify()
 
     def _state_changed(self, reg: Registration, state: RegistrationState) -> None:

@@ -12,9 +12,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .._address import join_address
+from .._errors import ConfigError
 
 log = logging.getLogger("etcdisco.agent")
 
@@ -59,7 +63,15 @@ class ProbeServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, self._host, self._port)
+        """Listen; a port that is taken (or an address that is not this host's) is a
+        ConfigError naming the address."""
+        try:
+            self._server = await asyncio.start_server(self._accept, self._host, self._port)
+        except OSError as exc:
+            where = join_address(self._host, self._port)
+            # asyncio's strerror repeats the address; the errno's text alone does not.
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ConfigError(f"cannot serve probes on {where}: {reason}") from None
 
     async def close(self) -> None:
         if self._server is not None:

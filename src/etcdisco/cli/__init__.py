@@ -1,8 +1,9 @@
 """The ``etcdisco`` command line, one module per command family.
 
-- ``_common``: the global options (one :class:`~etcdisco.ClientSettings` per
-  invocation, plus ``--json`` / ``--log-level``), errors, signals and output helpers;
-  it imports no command module.
+- ``_common``: the global options, defined once and taken before or after the
+  command (one :class:`~etcdisco.ClientSettings` per invocation, plus ``--json`` /
+  ``--log-level``), the ``command`` decorator every command is made with, errors,
+  signals and output helpers; it imports no command module.
 - ``_main``: the group, ``register``, ``list``, ``watch``, ``etcd``, ``demo``; it
   wires in the families below.
 - ``_agent`` (``agent``, and the ``--check`` / probe options of ``register``),

@@ -13,9 +13,12 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -23,7 +26,7 @@ import click
 from .._address import parse_listen
 from .._async_client import AsyncClient
 from .._errors import ConfigError
-from ..agent import Agent, ProbeServer, ReadyFile, load_config
+from ..agent import Agent, ConfigFileError, ProbeServer, ReadyFile, load_config
 from ..health import (
     DEFAULT_FALL,
     DEFAULT_INTERVAL,
@@ -33,7 +36,7 @@ from ..health import (
     Check,
     parse_check,
 )
-from ._common import GlobalOptions, fail, log_to_stderr, run_until_signal
+from ._common import GlobalOptions, command, log_to_stderr, run_until_signal
 from ._metrics import Listen, exposing_metrics, metrics_option
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -122,6 +125,16 @@ def _listen_address(text: str) -> tuple[str, int]:
         raise click.BadParameter(str(exc), param_hint="--health-listen") from None
 
 
+def _check_ready_file(path: str) -> None:
+    """Refuse at startup a ready file that could never be written: readiness that
+    never comes is found at once, not when a probe gives up."""
+    where = Path(path).absolute().parent
+    if not where.is_dir():
+        raise click.BadParameter(f"directory {where} does not exist", param_hint="--ready-file")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"directory {where} is not writable", param_hint="--ready-file")
+
+
 @dataclass(frozen=True)
 class ProbeOptions:
     """What ``--ready-file`` and ``--health-listen`` asked for."""
@@ -138,6 +151,8 @@ def probe_options(command: F) -> F:
     def wrapper(
         *args: Any, ready_file: str | None, health_listen: str | None, **kwargs: Any
     ) -> Any:
+        if ready_file:
+            _check_ready_file(ready_file)
         listen = _listen_address(health_listen) if health_listen else None
         return command(*args, probes=ProbeOptions(ready_file, listen), **kwargs)
 
@@ -154,7 +169,7 @@ def probe_options(command: F) -> F:
     return decorated  # type: ignore[return-value]
 
 
-@click.command("agent")
+@command("agent")
 @click.option(
     "--config",
     "config_path",
@@ -165,7 +180,6 @@ def probe_options(command: F) -> F:
 @probe_options
 @click.option("--check-config", is_flag=True, help="Validate the config file and exit.")
 @metrics_option
-@click.pass_obj
 def agent_cmd(
     options: GlobalOptions,
     config_path: str,
@@ -181,7 +195,10 @@ def agent_cmd(
     try:
         specs = load_config(config_path)
     except ConfigError as exc:
-        fail(str(exc), code=2)
+        # Every error of the file, one line each.
+        for message in _config_errors(exc):
+            click.echo(f"etcdisco: error: {message}", err=True)
+        sys.exit(2)
     if check_config:
         click.echo(f"{config_path}: {len(specs)} service(s), valid")
         return
@@ -200,7 +217,10 @@ def agent_cmd(
         reload = asyncio.Event()
         loop.add_signal_handler(signal.SIGHUP, reload.set)
         marker = ReadyFile(ready_file) if ready_file else None
+        if marker is not None:
+            marker.update(False)  # one left by an earlier run must not say ready
         was_ready = False
+        told: dict[str, str] = {}  # refusals already reported, by key
         try:
             settings = options.settings
             async with (
@@ -214,6 +234,12 @@ def agent_cmd(
                     ready = agent.ready
                     if marker is not None:
                         marker.update(ready)
+                    failures = agent.failures()
+                    for key, error in failures.items():
+                        if told.get(key) != error:
+                            say("failed", key=key, error=error)
+                    told.clear()
+                    told.update(failures)
                     if ready != was_ready:
                         was_ready = ready
                         say("ready" if ready else "not-ready")
@@ -263,7 +289,12 @@ async def _serve(
             specs = load_config(config_path)
         except ConfigError as exc:
             # A bad edit must not take running services out of discovery.
-            say("reload-failed", error=str(exc), kept=len(agent.keys))
+            errors = _config_errors(exc)
+            say("reload-failed", error="; ".join(errors), kept=len(agent.keys))
             continue
         changes = await agent.apply(specs)
         say("reloaded", changes=changes.summary())
+
+
+def _config_errors(exc: ConfigError) -> tuple[str, ...]:
+    return exc.errors if isinstance(exc, ConfigFileError) else (str(exc),)

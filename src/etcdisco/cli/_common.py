@@ -1,12 +1,17 @@
 """What every command of the command line shares; it imports no command module.
 
-- :class:`GlobalOptions`, the group's options handed to each command (``ctx.obj``):
-  the connection options become one :class:`~etcdisco.ClientSettings` (``settings``),
-  the command line's own (``--json``, ``--log-level``) stay here.
+- The global options, defined once (:func:`global_options`): the group takes them
+  before the command and every command (made with :func:`command`) takes them again
+  after its name, so ``etcdisco list --json`` and ``etcdisco --json list`` mean the
+  same; a value given after the command wins over one given before it.
+- :class:`GlobalOptions`, what they say, handed to each command as its first
+  argument: the connection options become one :class:`~etcdisco.ClientSettings`
+  (``settings``), the command line's own (``--json``, ``--log-level``) stay here.
 - :func:`fail` (one ``etcdisco: error:`` line and an exit code), :func:`errors` (the
   wrapper that turns an :class:`~etcdisco.EtcdiscoError` into that line),
-  :func:`run_until_signal` (a command's coroutine until SIGINT/SIGTERM) and
-  :func:`log_to_stderr`.
+  :func:`run_until_signal` (a command's coroutine until SIGINT/SIGTERM),
+  :func:`log_to_stderr` and :func:`report_crash` (any other exception: one line, and
+  the traceback with ``--log-level debug``).
 - Output: :func:`say` (a JSON line or a text line), :func:`instance_json`,
   :func:`instance_line` (a table row) and :func:`event_json`.
 """
@@ -14,29 +19,105 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
+import socket
 import sys
+import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from typing import Any, NoReturn, TypeVar
 
 import click
+from click.core import ParameterSource
 
-from .._errors import EtcdiscoError
+from .._address import join_address
+from .._errors import ConfigError, EtcdiscoError
 from .._model import ChangeEvent, Instance
 from .._settings import ClientSettings
 from .._signals import StopSignals
-from ..etcd import parse_endpoints
+from ..etcd import DEFAULT_ENDPOINT, parse_endpoints
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 PASSWORD_ENV = "ETCDISCO_PASSWORD"
 """Where ``--user``'s password comes from (never from the command line, which ``ps``
 shows to every user)."""
+
+
+class GlobalOption(click.Option):
+    """One of the global options: a command's help lists them in a section of their own."""
+
+
+_GLOBAL_OPTIONS: tuple[Callable[[F], F], ...] = (
+    click.option(
+        "--endpoints",
+        cls=GlobalOption,
+        envvar="ETCDISCO_ENDPOINTS",
+        default=DEFAULT_ENDPOINT,
+        show_default=True,
+        help="Comma-separated etcd endpoints (env ETCDISCO_ENDPOINTS).",
+    ),
+    click.option(
+        "--prefix",
+        cls=GlobalOption,
+        default="services",
+        show_default=True,
+        help="Registry key prefix.",
+    ),
+    click.option(
+        "--cacert",
+        cls=GlobalOption,
+        type=click.Path(dir_okay=False),
+        help="CA bundle for TLS to etcd.",
+    ),
+    click.option(
+        "--cert",
+        cls=GlobalOption,
+        type=click.Path(dir_okay=False),
+        help="Client certificate (mutual TLS).",
+    ),
+    click.option(
+        "--key", cls=GlobalOption, type=click.Path(dir_okay=False), help="Client key (mutual TLS)."
+    ),
+    click.option(
+        "--user", cls=GlobalOption, help=f"etcd user; the password is read from {PASSWORD_ENV}."
+    ),
+    click.option(
+        "--timeout",
+        cls=GlobalOption,
+        default=5.0,
+        show_default=True,
+        help="Deadline of one etcd call (s).",
+    ),
+    click.option(
+        "--json",
+        "as_json",
+        cls=GlobalOption,
+        is_flag=True,
+        help="Machine-readable output (JSON lines).",
+    ),
+    click.option(
+        "--log-level",
+        cls=GlobalOption,
+        envvar="ETCDISCO_LOG_LEVEL",
+        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+        help="Log to stderr at this level (env ETCDISCO_LOG_LEVEL).",
+    ),
+)
+
+
+def global_options(command: F) -> F:
+    """Add the global options (``--endpoints``, ``--json``, ...) to a command or group;
+    the one place they are defined."""
+    for option in reversed(_GLOBAL_OPTIONS):
+        command = option(command)
+    return command
 
 
 @dataclass(frozen=True)
@@ -88,6 +169,24 @@ class GlobalOptions:
     def settings(self) -> ClientSettings:
         return self.connection.client_settings()
 
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> GlobalOptions:
+        """From the global options' parameter values (every one of them)."""
+        return _DEFAULTS.overridden(values)
+
+    def overridden(self, values: dict[str, Any]) -> GlobalOptions:
+        """These options with some replaced, by parameter name (``endpoints``, ...,
+        ``as_json``, ``log_level``)."""
+        connection = {f.name: values[f.name] for f in fields(ConnectionOptions) if f.name in values}
+        top = {"json": values["as_json"]} if "as_json" in values else {}
+        if "log_level" in values:
+            top["log_level"] = values["log_level"]
+        return replace(self, connection=replace(self.connection, **connection), **top)
+
+
+# Every field is overridden by from_values: these values are never seen.
+_DEFAULTS = GlobalOptions(ConnectionOptions("", "", None, None, None, None, 0.0))
+
 
 def log_to_stderr(level: str | int) -> None:
     """Log records at ``level`` to stderr, unless logging is set up already."""
@@ -99,6 +198,84 @@ def log_to_stderr(level: str | int) -> None:
 def fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"etcdisco: error: {message}", err=True)
     sys.exit(code)
+
+
+# Set once the log level of the invocation is known: --log-level debug shows the
+# traceback of an unexpected exception (report_crash).
+_show_tracebacks = False
+
+
+def _use_log_level(level: str | None) -> None:
+    global _show_tracebacks
+    if level:
+        log_to_stderr(level.upper())
+        _show_tracebacks = level.lower() == "debug"
+
+
+def report_crash(exc: BaseException) -> NoReturn:
+    """An exception nothing expected: one line (the traceback too with
+    ``--log-level debug``), exit 1."""
+    text = str(exc).strip().splitlines()
+    what = type(exc).__name__ + (f": {text[0]}" if text else "")
+    if _show_tracebacks:
+        traceback.print_exception(exc, file=sys.stderr)
+        fail(f"unexpected {what}")
+    fail(f"unexpected {what} (rerun with --log-level debug for the traceback)")
+
+
+class Command(click.Command):
+    """A command whose help lists the global options apart from its own."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        own: list[tuple[str, str]] = []
+        shared: list[tuple[str, str]] = []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None and not isinstance(param, click.Argument):
+                (shared if isinstance(param, GlobalOption) else own).append(record)
+        if own:
+            with formatter.section("Options"):
+                formatter.write_dl(own)
+        if shared:
+            with formatter.section("Global options (before or after the command)"):
+                formatter.write_dl(shared)
+
+
+def group_options(ctx: click.Context, values: dict[str, Any]) -> None:
+    """The group's callback: its global options become ``ctx.obj``."""
+    ctx.obj = GlobalOptions.from_values(values)
+
+
+def command(name: str | None = None, **attrs: Any) -> Callable[[Callable[..., Any]], click.Command]:
+    """``click.command`` for an etcdisco command: it takes the global options after its
+    name too, and gets what they say (:class:`GlobalOptions`) as its first argument.
+
+    An option given after the command wins over the same option given before it; one
+    not given there keeps the group's value (which the environment variable or the
+    default already filled in)."""
+
+    def decorator(function: Callable[..., Any]) -> click.Command:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            ctx = click.get_current_context()
+            names = [p.name for p in ctx.command.params if isinstance(p, GlobalOption)]
+            values = {name: kwargs.pop(name) for name in names if name is not None}
+            before = ctx.find_object(GlobalOptions)
+            if before is None:  # invoked on its own, without the group
+                options = GlobalOptions.from_values(values)
+            else:
+                given = {
+                    name: value
+                    for name, value in values.items()
+                    if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+                }
+                options = before.overridden(given)
+            _use_log_level(options.log_level)
+            return function(options, *args, **kwargs)
+
+        return click.command(name, cls=Command, **attrs)(global_options(wrapper))
+
+    return decorator
 
 
 @contextmanager
@@ -125,6 +302,24 @@ def run_until_signal(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
     raise AssertionError("unreachable")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise ConfigError naming ``host:port`` when nothing may listen there (taken by
+    another process, or not an address of this host); port 0 is always free."""
+    if port == 0:
+        return
+    where = join_address(host, port)
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as sock:
+            # As servers bind: connections in TIME_WAIT do not make a port busy.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+
+
 def say(options: GlobalOptions, event: str, text: str, **fields: Any) -> None:
     """``{"event": event, **fields}`` with ``--json``, else ``text``."""
     if options.json:
@@ -137,9 +332,17 @@ def instance_json(inst: Instance) -> str:
     return json.dumps(inst.to_dict(), sort_keys=True)
 
 
+def metadata_text(value: Any) -> str:
+    """A metadata value as the table shows it: a string as is, anything else in its
+    JSON spelling (``true``, ``null``, ``1.5``), as ``--meta-json`` takes it."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+
+
 def instance_line(inst: Instance) -> str:
     """One row of the instance table (``list``, ``watch``)."""
-    meta = ",".join(f"{k}={v}" for k, v in sorted(inst.metadata.items()))
+    meta = ",".join(f"{k}={metadata_text(v)}" for k, v in sorted(inst.metadata.items()))
     return f"{inst.service:<20} {inst.id:<28} {inst.address:<24} {meta}"
 
 

@@ -16,26 +16,32 @@ import asyncio
 import contextlib
 import json
 import socket
+from pathlib import Path
 from typing import Any
 
 import click
 
+from .. import __version__
+from .._address import normalize_address
 from .._async_client import AsyncClient
-from .._model import Instance
+from .._metadata import check_metadata, parse_metadata_text
+from .._model import Instance, encode_value, validate_instance_id, validate_service_name
 from ..agent import ProbeServer, ReadyFile, describe
 from ..demo import run_demo
-from ..etcd import DEFAULT_ENDPOINT
-from ..registry import Registration, RegistrationState
+from ..registry import Registration, RegistrationState, validate_ttl
 from ..testing import LocalEtcd, LocalEtcdError
 from ._agent import HealthOptions, ProbeOptions, agent_cmd, health_options, probe_options
 from ._common import (
-    ConnectionOptions,
     GlobalOptions,
+    command,
+    errors,
     event_json,
     fail,
+    global_options,
+    group_options,
     instance_json,
     instance_line,
-    log_to_stderr,
+    report_crash,
     run_until_signal,
     say,
 )
@@ -45,92 +51,121 @@ from ._xds import xds_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--endpoints",
-    envvar="ETCDISCO_ENDPOINTS",
-    default=DEFAULT_ENDPOINT,
-    show_default=True,
-    help="Comma-separated etcd endpoints (env ETCDISCO_ENDPOINTS).",
+@click.version_option(
+    __version__, "--version", prog_name="etcdisco", message="%(prog)s %(version)s"
 )
-@click.option("--prefix", default="services", show_default=True, help="Registry key prefix.")
-@click.option("--cacert", type=click.Path(dir_okay=False), help="CA bundle for TLS to etcd.")
-@click.option("--cert", type=click.Path(dir_okay=False), help="Client certificate (mutual TLS).")
-@click.option("--key", type=click.Path(dir_okay=False), help="Client key (mutual TLS).")
-@click.option("--user", help="etcd user; the password is read from ETCDISCO_PASSWORD.")
-@click.option("--timeout", default=5.0, show_default=True, help="Deadline of one etcd call (s).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (JSON lines).")
-@click.option(
-    "--log-level",
-    envvar="ETCDISCO_LOG_LEVEL",
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-    help="Log to stderr at this level (env ETCDISCO_LOG_LEVEL).",
-)
+@global_options
 @click.pass_context
-def cli(
-    ctx: click.Context,
-    endpoints: str,
-    prefix: str,
-    cacert: str | None,
-    cert: str | None,
-    key: str | None,
-    user: str | None,
-    timeout: float,
-    as_json: bool,
-    log_level: str | None,
-) -> None:
-    """Service registration and discovery on etcd."""
-    if log_level:
-        log_to_stderr(log_level.upper())
-    connection = ConnectionOptions(endpoints, prefix, cacert, cert, key, user, timeout)
-    ctx.obj = GlobalOptions(connection, json=as_json, log_level=log_level)
+def cli(ctx: click.Context, /, **values: Any) -> None:
+    """Service registration and discovery on etcd.
+
+    The global options go before or after the command (etcdisco --json list, etcdisco
+    list --json); given in both places, the one after the command wins.
+    """
+    group_options(ctx, values)
 
 
-def _parse_meta(items: tuple[str, ...]) -> dict[str, Any]:
+def _parse_meta(texts: tuple[str, ...], jsons: tuple[str, ...]) -> dict[str, Any]:
+    """``--meta K=V`` (a string, except for the reserved keys whose type is not a
+    string: ``weight=5`` is the integer 5) and ``--meta-json K=JSON``."""
     meta: dict[str, Any] = {}
-    for item in items:
-        name, sep, raw = item.partition("=")
-        if not sep or not name:
-            raise click.BadParameter(f"{item!r} is not key=value", param_hint="--meta")
-        value: Any = raw
-        # Numbers and booleans keep their type so weights compare as numbers.
-        try:
-            value = json.loads(raw)
-            if isinstance(value, (dict, list)):
-                value = raw
-        except ValueError:
-            value = raw
-        meta[name] = value
+    for hint, items in (("--meta", texts), ("--meta-json", jsons)):
+        for item in items:
+            name, sep, raw = item.partition("=")
+            if not sep or not name:
+                raise click.BadParameter(f"{item!r} is not key=value", param_hint=hint)
+            if name in meta:
+                raise click.BadParameter(f"metadata key {name!r} given twice", param_hint=hint)
+            meta[name] = parse_metadata_text(name, raw) if hint == "--meta" else _json(item, raw)
     return meta
 
 
-@cli.command()
+def _json(item: str, raw: str) -> Any:
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    try:
+        return json.loads(raw, parse_constant=refuse)
+    except ValueError as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise click.BadParameter(
+            f"{item!r}: the value is not JSON ({reason}); a string is written "
+            f"with quotes ('K=\"text\"') or with --meta",
+            param_hint="--meta-json",
+        ) from None
+
+
+def _validate_registration(
+    service: str, address: str, instance_id: str | None, metadata: dict[str, Any], ttl: int
+) -> None:
+    """What the core refuses, refused before anything is opened (ports, files, etcd)."""
+    validate_service_name(service)
+    normalize_address(address)
+    if instance_id is not None:
+        validate_instance_id(instance_id)
+    validate_ttl(ttl)
+    check_metadata(metadata)
+    encode_value(address, metadata)
+
+
+@command("register")
 @click.argument("service")
 @click.argument("address")
 @click.option("--id", "instance_id", help="Instance id (default: the address).")
-@click.option("--meta", multiple=True, metavar="K=V", help="Metadata entry; repeatable.")
-@click.option("--ttl", default=10, show_default=True, help="Lease TTL in seconds (>= 2).")
+@click.option(
+    "--meta",
+    multiple=True,
+    metavar="K=V",
+    help="Metadata entry, a string (a reserved key takes its own type: weight=2 is a "
+    "number); repeatable.",
+)
+@click.option(
+    "--meta-json",
+    multiple=True,
+    metavar="K=JSON",
+    help='Metadata entry with a JSON value (true, 1.5, null, "text"); repeatable.',
+)
+@click.option(
+    "--ttl", default=10, show_default=True, help="Lease TTL in seconds (2 to 9,000,000,000)."
+)
 @health_options
 @probe_options
 @metrics_option
-@click.pass_obj
 def register(
     options: GlobalOptions,
     service: str,
     address: str,
     instance_id: str | None,
     meta: tuple[str, ...],
+    meta_json: tuple[str, ...],
     ttl: int,
     health: HealthOptions,
     probes: ProbeOptions,
     metrics_listen: Listen | None,
 ) -> None:
     """Register SERVICE at ADDRESS and keep it alive until SIGINT/SIGTERM."""
-    metadata = _parse_meta(meta)
+    metadata = _parse_meta(meta, meta_json)
+    with errors():
+        _validate_registration(service, address, instance_id, metadata, ttl)
 
     async def main(stop: asyncio.Event) -> None:
         marker = ReadyFile(probes.ready_file) if probes.ready_file else None
-        probe: ProbeServer | None = None
+        if marker is not None:
+            marker.update(False)  # one left by an earlier run must not say ready
+        reg: Registration | None = None
+
+        def status() -> dict[str, Any]:
+            if reg is None:
+                return {"ready": False, "registrations": []}
+            ready = reg.state is RegistrationState.REGISTERED
+            return {"ready": ready, "registrations": [describe(reg)]}
+
+        # Listening first: a busy port is an error before anything is registered.
+        probe = ProbeServer(status, *probes.listen) if probes.listen is not None else None
         try:
+            if probe is not None:
+                await probe.start()
+                say(options, "listening", f"probes on port {probe.port}", port=probe.port)
             async with (
                 AsyncClient(settings=options.settings) as client,
                 exposing_metrics(metrics_listen, client),
@@ -154,17 +189,9 @@ def register(
                     else:
                         click.echo(f"{r.key}: {state.value}")
 
-                def status() -> dict[str, Any]:
-                    ready = reg.state is RegistrationState.REGISTERED
-                    return {"ready": ready, "registrations": [describe(reg)]}
-
                 reg.add_listener(on_state)
                 if marker is not None:
                     marker.update(reg.state is RegistrationState.REGISTERED)
-                if probes.listen is not None:
-                    probe = ProbeServer(status, *probes.listen)
-                    await probe.start()
-                    say(options, "listening", f"probes on port {probe.port}", port=probe.port)
                 await stop.wait()
                 await reg.deregister()
                 if not options.json:
@@ -197,9 +224,8 @@ def _say_registered(options: GlobalOptions, reg: Registration) -> None:
         )
 
 
-@cli.command("list")
+@command("list")
 @click.argument("service", required=False)
-@click.pass_obj
 def list_(options: GlobalOptions, service: str | None) -> None:
     """List the instances of SERVICE (or of every service)."""
 
@@ -208,24 +234,28 @@ def list_(options: GlobalOptions, service: str | None) -> None:
             return list(await client.list_instances(service))
 
     instances = run_until_signal(main)
+    if not instances:
+        # A note, not output: stdout stays empty (kubectl's "No resources found").
+        click.echo("no instances" + (f" of {service}" if service else ""), err=True)
+        return
     if options.json:
         for inst in instances:
             click.echo(instance_json(inst))
-        return
-    if not instances:
-        click.echo("no instances" + (f" of {service}" if service else ""))
         return
     click.echo(f"{'SERVICE':<20} {'ID':<28} {'ADDRESS':<24} METADATA")
     for inst in instances:
         click.echo(instance_line(inst))
 
 
-@cli.command()
+@command("watch")
 @click.argument("service", required=False)
 @metrics_option
-@click.pass_obj
 def watch(options: GlobalOptions, service: str | None, metrics_listen: Listen | None) -> None:
-    """Print the instances, then one line per change, until interrupted."""
+    """Print the instances once, then one line per change, until interrupted.
+
+    Text lines start with = (there at the start), + (added), ~ (updated) or -
+    (removed); JSON lines say it in "event": existing, added, updated, removed.
+    """
 
     async def main(stop: asyncio.Event) -> None:
         settings = options.settings
@@ -235,9 +265,12 @@ def watch(options: GlobalOptions, service: str | None, metrics_listen: Listen | 
         ):
             opening = client.discover(service) if service else client.discover_all()
             async with opening as cache:
-                events = cache.events()
                 await cache.wait_ready(settings.timeout)
-                for inst in cache.instances():
+                # The listing and the subscription in one step (no await between):
+                # every change after the listing is an event, none before it is.
+                existing = cache.instances()
+                events = cache.events()
+                for inst in existing:
                     if options.json:
                         click.echo(
                             json.dumps({"event": "existing", **inst.to_dict()}, sort_keys=True)
@@ -269,22 +302,29 @@ def watch(options: GlobalOptions, service: str | None, metrics_listen: Listen | 
     run_until_signal(main)
 
 
-@cli.command("etcd")
-@click.option(
-    "--data-dir", type=click.Path(file_okay=False), help="Data directory (default: temporary)."
-)
+@command("etcd")
+@click.option("--data-dir", help="Data directory (default: temporary).")
 @click.option(
     "--port", type=int, help="Client port (default: 2379 if free, else any free port; 0: any)."
 )
-def etcd_cmd(data_dir: str | None, port: int | None) -> None:
+def etcd_cmd(options: GlobalOptions, data_dir: str | None, port: int | None) -> None:
     """Run a local single-node etcd for development until SIGINT."""
+    if data_dir is not None:
+        _check_data_dir(Path(data_dir))
     if port is None and _port_free(2379):
         port = 2379
+    member: LocalEtcd | None = None
     try:
         member = LocalEtcd(data_dir, name="etcdisco-dev", client_port=port or None)
         member.start()
     except LocalEtcdError as exc:
-        fail(str(exc))
+        # The first line says what went wrong; etcd's own words are in its log.
+        first = str(exc).strip().splitlines()[0]
+        logged = member is not None and member.log_path.exists()
+        log = f" (etcd's log: {member.log_path})" if member is not None and logged else ""
+        fail(f"{first}{log}")
+    except OSError as exc:
+        fail(f"cannot use --data-dir {data_dir}: {exc.strerror or exc}")
     click.echo(f"etcd {member.version} ready at {member.endpoint} (data in {member.data_dir})")
     click.echo(f"export ETCDISCO_ENDPOINTS={member.endpoint}")
 
@@ -298,8 +338,26 @@ def etcd_cmd(data_dir: str | None, port: int | None) -> None:
         click.echo("etcd stopped")
 
 
+def _check_data_dir(path: Path) -> None:
+    """A data directory etcd can use, or one ``etcdisco: error:`` line."""
+    if path.exists() and not path.is_dir():
+        fail(f"cannot use --data-dir {path}: it is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        fail(f"cannot use --data-dir {path}: {exc.strerror or exc}")
+    probe = path / ".etcdisco-write-test"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        fail(f"cannot use --data-dir {path}: not writable ({exc.strerror or exc})")
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as sock:
+        # As etcd binds: a port held only by connections in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -307,11 +365,10 @@ def _port_free(port: int) -> bool:
     return True
 
 
-@cli.command()
+@command("demo")
 @click.option("--instances", default=3, show_default=True, type=click.IntRange(2, 9))
 @click.option("--ttl", default=3, show_default=True, type=click.IntRange(2, 30))
 @click.option("--grpc", "grpc_mode", is_flag=True, help="gRPC servers: rolling restart under load.")
-@click.pass_obj
 def demo(options: GlobalOptions, instances: int, ttl: int, grpc_mode: bool) -> None:
     """Register instances, follow them, crash one, stop one (local etcd if needed)."""
     run = run_demo
@@ -335,10 +392,20 @@ def demo(options: GlobalOptions, instances: int, ttl: int, grpc_mode: bool) -> N
     run_until_signal(main)
 
 
+cli.add_command(register)
+cli.add_command(list_)
+cli.add_command(watch)
+cli.add_command(etcd_cmd)
+cli.add_command(demo)
 cli.add_command(resolve_cmd)
 cli.add_command(agent_cmd)
 cli.add_command(xds_cmd)
 
 
 def main() -> None:
-    cli(prog_name="etcdisco")
+    """The console entry point: the command line, and any exception nothing expected
+    as one line (see report_crash)."""
+    try:
+        cli.main(prog_name="etcdisco")
+    except Exception as exc:
+        report_crash(exc)

@@ -14,10 +14,10 @@ import click
 from .._async_client import AsyncClient
 from .._model import Instance
 from ..balancing import POLICIES, Picker, make_picker
-from ._common import GlobalOptions, fail, instance_json, run_until_signal
+from ._common import GlobalOptions, command, fail, instance_json, run_until_signal
 
 
-@click.command("resolve")
+@command("resolve")
 @click.argument("service")
 @click.option(
     "--policy",
@@ -26,7 +26,7 @@ from ._common import GlobalOptions, fail, instance_json, run_until_signal
     show_default=True,
     help="Balancing policy (with --zone, the policy used inside the zone).",
 )
-@click.option("--key", "hash_key", help="Hash key for ring_hash (e.g. a user id).")
+@click.option("--hash-key", help="Hash key for ring_hash (e.g. a user id).")
 @click.option("--zone", help="Prefer instances of this zone (zone-aware balancing).")
 @click.option(
     "--count",
@@ -35,7 +35,6 @@ from ._common import GlobalOptions, fail, instance_json, run_until_signal
     show_default=True,
     help="Number of picks to print.",
 )
-@click.pass_obj
 def resolve_cmd(
     options: GlobalOptions,
     service: str,
@@ -49,6 +48,12 @@ def resolve_cmd(
     Reads the instances once (no cache, no call history), so load-aware policies
     behave like random here.
     """
+    if options.connection.key is not None and options.connection.cert is None:
+        # --key is the global TLS client key here as everywhere; the hash key has a
+        # name of its own.
+        raise click.UsageError(
+            "--key is the TLS client key (with --cert); the ring_hash key is --hash-key"
+        )
     picker = _picker(policy, zone)
 
     async def main(stop: asyncio.Event) -> tuple[Instance, ...]:

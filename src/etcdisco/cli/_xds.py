@@ -21,7 +21,7 @@ import click
 from .._address import join_address, parse_listen
 from .._async_client import AsyncClient
 from .._errors import ConfigError, EtcdTimeoutError
-from ._common import GlobalOptions, fail, run_until_signal
+from ._common import GlobalOptions, check_port_free, command, errors, fail, run_until_signal
 from ._metrics import Listen, exposing_metrics, metrics_option
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ async def _wait_registry(xds: XdsServer, stop: asyncio.Event, every: float) -> b
                     await waiter
 
 
-@click.command("xds")
+@command("xds")
 @click.option(
     "--listen",
     default="127.0.0.1:18000",
@@ -177,7 +177,6 @@ async def _wait_registry(xds: XdsServer, stop: asyncio.Event, every: float) -> b
     "Without one, a service follows its instances' metadata lb / hash_header.",
 )
 @metrics_option
-@click.pass_obj
 def xds_cmd(
     options: GlobalOptions,
     listen: str,
@@ -239,6 +238,10 @@ def xds_cmd(
         )
         click.echo(json.dumps(config, indent=2))
         return
+
+    with errors():
+        # Before grpc tries: its own failure comes with a log line of grpc's.
+        check_port_free(host, port)
 
     async def main(stop: asyncio.Event) -> None:
         settings = options.settings

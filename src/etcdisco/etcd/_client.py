@@ -74,9 +74,11 @@ class Op:
     """Operations for :meth:`EtcdClient.txn`."""
 
     @staticmethod
-    def put(key: str | bytes, value: str | bytes, *, lease: int = 0) -> Any:
+    def put(key: str | bytes, value: str | bytes, *, lease: int = 0, prev_kv: bool = False) -> Any:
         return rpc_pb2.RequestOp(
-            request_put=rpc_pb2.PutRequest(key=_b(key), value=_b(value), lease=lease)
+            request_put=rpc_pb2.PutRequest(
+                key=_b(key), value=_b(value), lease=lease, prev_kv=prev_kv
+            )
         )
 
     @staticmethod
@@ -241,7 +243,14 @@ class EtcdClient:
             if op.HasField("response_range")
             for kv in op.response_range.kvs
         )
-        return TxnResult(succeeded=r.succeeded, revision=r.header.revision, kvs=kvs)
+        prev_kvs = tuple(
+            kv_from_pb(op.response_put.prev_kv) if op.response_put.HasField("prev_kv") else None
+            for op in r.responses
+            if op.HasField("response_put")
+        )
+        return TxnResult(
+            succeeded=r.succeeded, revision=r.header.revision, kvs=kvs, prev_kvs=prev_kvs
+        )
 
     async def compact(self, revision: int, *, physical: bool = True) -> None:
         """Compact history up to ``revision``; CompactedError when it already is."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +27,25 @@ class TlsConfig:
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"TLS {name} file not found: {path}")
+        # Checked now: gRPC would only fail at the first connection, after a timeout,
+        # with its own log lines and no file named.
+        if self.ca is not None:
+            _check_pem(self.ca, "ca", b"CERTIFICATE")
+            try:
+                ssl.create_default_context(cafile=self.ca)
+            except (ssl.SSLError, ValueError) as exc:
+                raise ConfigError(
+                    f"TLS ca file {self.ca}: not a usable CA certificate ({exc})"
+                ) from None
+        if self.cert is not None and self.key is not None:
+            _check_pem(self.cert, "cert", b"CERTIFICATE")
+            _check_pem(self.key, "key", b"PRIVATE KEY")
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(self.cert, self.key)
+            except (ssl.SSLError, ValueError) as exc:
+                raise ConfigError(
+                    f"TLS cert {self.cert} and key {self.key} do not make a pair ({exc})"
+                ) from None
 
     def read(self) -> tuple[bytes | None, bytes | None, bytes | None]:
         def load(path: str | None) -> bytes | None:
@@ -35,6 +55,19 @@ class TlsConfig:
                 return f.read()
 
         return load(self.ca), load(self.key), load(self.cert)
+
+
+def _check_pem(path: str, name: str, kind: bytes) -> None:
+    """Refuse a file that holds no PEM block of ``kind``, naming it."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+    except OSError as exc:
+        raise ConfigError(f"TLS {name} file {path} cannot be read: {exc.strerror}") from None
+    begin = data.find(b"-----BEGIN ")
+    if begin < 0 or kind not in data[begin : data.find(b"\n", begin)]:
+        what = "certificate" if kind == b"CERTIFICATE" else "private key"
+        raise ConfigError(f"TLS {name} file {path} holds no PEM {what}")
 
 
 @dataclass(frozen=True, slots=True)

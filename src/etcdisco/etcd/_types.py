@@ -11,6 +11,8 @@ import grpc.aio
 
 @dataclass(frozen=True, slots=True)
 class KeyValue:
+    """One key as etcd holds it (``mvccpb.KeyValue``)."""
+
     key: bytes
     value: bytes
     create_revision: int
@@ -21,6 +23,8 @@ class KeyValue:
 
 @dataclass(frozen=True, slots=True)
 class RangeResult:
+    """What a range read returned, and at which revision."""
+
     kvs: tuple[KeyValue, ...]
     revision: int
     """The store's revision when the range was served (the header revision)."""
@@ -30,12 +34,16 @@ class RangeResult:
 
 @dataclass(frozen=True, slots=True)
 class PutResult:
+    """A put: the revision it made, and the value it replaced when asked for."""
+
     revision: int
     prev_kv: KeyValue | None
 
 
 @dataclass(frozen=True, slots=True)
 class DeleteResult:
+    """A delete: the revision, how many keys went, and their values when asked for."""
+
     revision: int
     deleted: int
     prev_kvs: tuple[KeyValue, ...]
@@ -43,20 +51,29 @@ class DeleteResult:
 
 @dataclass(frozen=True, slots=True)
 class TxnResult:
+    """A transaction: which branch ran, at which revision, and what it read."""
+
     succeeded: bool
     revision: int
     kvs: tuple[KeyValue, ...] = ()
     """What the executed branch's ``Op.get`` operations read, in order."""
+    prev_kvs: tuple[KeyValue | None, ...] = ()
+    """For each put of the executed branch, in order, the value it replaced (when
+    asked for with ``prev_kv=True``; None for a new key)."""
 
 
 @dataclass(frozen=True, slots=True)
 class LeaseGrant:
+    """A granted lease: its id and TTL in seconds."""
+
     id: int
     ttl: int
 
 
 @dataclass(frozen=True, slots=True)
 class LeaseInfo:
+    """A lease as LeaseTimeToLive reports it."""
+
     id: int
     ttl: int
     """Remaining seconds; -1 when the lease does not exist."""
@@ -65,12 +82,16 @@ class LeaseInfo:
 
 
 class WatchEventType(enum.Enum):
+    """PUT or DELETE."""
+
     PUT = 0
     DELETE = 1
 
 
 @dataclass(frozen=True, slots=True)
 class WatchEvent:
+    """One change of one key."""
+
     type: WatchEventType
     kv: KeyValue
     prev_kv: KeyValue | None
@@ -90,6 +111,8 @@ class WatchBatch:
 
 @dataclass(frozen=True, slots=True)
 class MemberStatus:
+    """One member as its Status call reports it."""
+
     endpoint: str
     version: str
     member_id: int

@@ -27,6 +27,8 @@ log = logging.getLogger("etcdisco.health")
 
 
 class OnFailing(enum.StrEnum):
+    """What a registration does while its checks fail."""
+
     MARK = "mark"  # keep the key, with metadata status "unhealthy"
     WITHDRAW = "withdraw"  # delete the key, keep the lease; put it back when passing
 

@@ -34,6 +34,7 @@ from ._process import (
     _etcd_env,
     _free_ports,
     _make_temp_dir,
+    _port_taken,
     _register,
     _remove_temp_dir,
     _unregister,
@@ -228,8 +229,9 @@ class LocalEtcd:
         retry = not (self._ports_fixed or self._ever_healthy or self._initial_cluster)
         attempts = _PORT_ATTEMPTS if retry else 1
         for attempt in range(1, attempts + 1):
-            self._spawn()
             try:
+                self._check_ports_free()
+                self._spawn()
                 self.wait_healthy(timeout)
                 return self
             except _AddressInUseError:
@@ -261,14 +263,33 @@ class LocalEtcd:
         return self.start(timeout)
 
     def pause(self) -> None:
-        """SIGSTOP: the process keeps its sockets but answers nothing."""
+        """SIGSTOP: the process keeps its sockets but answers nothing. Returns once
+        the process is stopped (a signal is delivered asynchronously: without the
+        wait, a request sent right after could still be answered)."""
         self._signal(signal.SIGSTOP)
         self._paused = True
+        self._wait_stopped_state(True)
 
     def resume(self) -> None:
-        """SIGCONT after `pause`."""
+        """SIGCONT after `pause`; returns once the process runs again."""
         self._signal(signal.SIGCONT)
         self._paused = False
+        self._wait_stopped_state(False)
+
+    def _wait_stopped_state(self, stopped: bool, timeout: float = 5.0) -> None:
+        assert self._proc is not None
+        stat = Path(f"/proc/{self._proc.pid}/stat")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                # The state is the field after the parenthesised command name.
+                state = stat.read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return  # no /proc (not Linux) or the process is gone: nothing to wait for
+            if (state in ("T", "t")) == stopped:
+                return
+            time.sleep(0.005)
+        raise LocalEtcdError(f"{self!r} did not {'stop' if stopped else 'continue'} in time")
 
     def remove_data(self) -> None:
         """Delete etcd's state (WAL, snapshots, db) but keep the log.
@@ -324,7 +345,9 @@ class LocalEtcd:
             try:
                 status, body = self._http("GET", "/health", timeout=1.0)
                 if status == 200 and json.loads(body).get("health") == "true":
-                    break
+                    if proc.poll() is None:
+                        break
+                    continue  # answered by someone else: ours exited (reported above)
                 last = f"HTTP {status}: {body[:200].decode(errors='replace')}"
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
@@ -421,6 +444,15 @@ class LocalEtcd:
     def _set_ports(self, client_port: int, peer_port: int) -> None:
         self.client_port = client_port
         self.peer_port = peer_port
+
+    def _check_ports_free(self) -> None:
+        """Refuse ports that another process listens on, before spawning: etcd would
+        exit, but until it does another etcd there answers ``/health`` for it."""
+        for what, port in (("client", self.client_port), ("peer", self.peer_port)):
+            if _port_taken(port):
+                raise _AddressInUseError(
+                    f"etcd {self.name}: its {what} port {_HOST}:{port} is in use by another process"
+                )
 
     def _spawn(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

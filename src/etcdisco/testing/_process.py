@@ -134,6 +134,18 @@ def _etcd_env() -> dict[str, str]:
     }
 
 
+def _port_taken(port: int) -> bool:
+    """True when a process listens on ``_HOST:port`` (connections in TIME_WAIT do not
+    count: etcd, like every Go server, binds with SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((_HOST, port))
+        except OSError:
+            return True
+    return False
+
+
 def _free_ports(count: int) -> list[int]:
     # All sockets stay bound until every port is known, so the ports are distinct.
     sockets: list[socket.socket] = []

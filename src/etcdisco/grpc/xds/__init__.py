@@ -17,9 +17,10 @@ ring hash on a header, retries on UNAVAILABLE, one locality per zone, draining a
 unhealthy instances sent as such so that clients stop picking them at once.
 """
 
+from ..._metadata import LB_POLICIES
 from ._bootstrap import bootstrap_config
 from ._embedded import BOOTSTRAP_CONFIG_ENV, BOOTSTRAP_ENV, EmbeddedXds, install, start_embedded
-from ._resources import DEFAULT_RETRIES, LB_POLICIES, MAX_RETRIES, ServicePolicy
+from ._resources import DEFAULT_RETRIES, MAX_RETRIES, ServicePolicy
 from ._server import XdsServer, XdsTls
 
 __all__ = [

@@ -17,7 +17,6 @@ A service ``S`` becomes four resources, all named ``S``:
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +25,9 @@ from google.protobuf import any_pb2, wrappers_pb2
 
 from ..._address import parse_address
 from ..._errors import ConfigError, InvalidAddressError
+from ..._metadata import LB_POLICIES, RING_HASH, ROUND_ROBIN, validate_hash_header
 from ..._model import Instance, Status
 from . import _protos as p
-
-ROUND_ROBIN = "round_robin"
-RING_HASH = "ring_hash"
-LB_POLICIES = (ROUND_ROBIN, RING_HASH)
 
 DEFAULT_RETRIES = 2
 # gRPC caps an RPC at 5 attempts whatever the route asks for.
@@ -45,7 +41,6 @@ MAX_WEIGHT = 10_000
 # sticks to one instance (affinity per channel) instead of scattering calls at random.
 _CHANNEL_ID = "io.grpc.channel_id"
 _ROUTER_FILTER = "envoy.filters.http.router"
-_HEADER_NAME = re.compile(r"[0-9a-z_.-]+", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -84,15 +79,6 @@ class EndpointSpec:
     zone: str
     weight: int
     status: Status
-
-
-def validate_hash_header(name: str) -> str:
-    header = name.strip().lower()
-    if not header or not _HEADER_NAME.fullmatch(header):
-        raise ConfigError(f"hash header {name!r} is not a valid gRPC metadata key")
-    if header.endswith("-bin") or header.startswith("grpc-"):
-        raise ConfigError(f"hash header {name!r}: binary and grpc- headers cannot be hashed")
-    return header
 
 
 def validate_retries(retries: int) -> int:

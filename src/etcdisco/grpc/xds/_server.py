@@ -189,7 +189,9 @@ class XdsServer:
         credentials = self.tls.server_credentials() if self.tls is not None else None
         self._cache = await self._client.discover_all()
         self._cache.add_listener(self._on_events)
-        server = grpc.aio.server()
+        # Without SO_REUSEPORT (grpc's default is on): a second control plane on a port
+        # already served must fail, not split the clients between the two.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         handler = grpc.stream_stream_rpc_method_handler(
             self._handle,
             request_deserializer=p.discovery_pb2.DiscoveryRequest.FromString,
