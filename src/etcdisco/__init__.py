@@ -7,6 +7,7 @@ services see each other.
 """
 
 from ._address import parse_address
+from ._advertise import advertised_address, primary_ip
 from ._async_client import AsyncClient
 from ._errors import (
     AuthError,
@@ -29,6 +30,7 @@ from ._model import (
     ChangeEvent,
     EventType,
     Instance,
+    Override,
     Status,
     decode_instance,
     decode_value,
@@ -77,6 +79,7 @@ __all__ = [
     "LeaseNotFoundError",
     "MalformedValueError",
     "OutlierDetector",
+    "Override",
     "Picker",
     "PowerOfTwoChoices",
     "Random",
@@ -95,10 +98,12 @@ __all__ = [
     "WeightedRoundRobin",
     "ZoneAware",
     "__version__",
+    "advertised_address",
     "decode_instance",
     "decode_value",
     "encode_value",
     "make_picker",
     "parse_address",
+    "primary_ip",
     "usable",
 ]

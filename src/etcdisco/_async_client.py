@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
@@ -12,10 +13,14 @@ from ._expiry import DEFAULT_EXPIRY_PROTECTION, ExpiryProtection
 from ._model import (
     DEFAULT_PREFIX,
     Instance,
+    Override,
     decode_instance,
+    instance_key,
     service_prefix,
+    validate_instance_id,
     validate_service_name,
 )
+from ._overrides import OverrideWatcher, override_key, read_overrides, write_override
 from ._settings import ClientSettings, settings_from
 from .discovery import PrefixWatcher, ServiceCache
 from .etcd import EtcdClient
@@ -105,6 +110,8 @@ class AsyncClient:
         # keepers would be two leases fighting over one key).
         self._claims: dict[str, Registration] = {}
         self._watchers: dict[str, PrefixWatcher] = {}
+        # Every cache folds operator overrides in; one watch of them per client.
+        self._overrides = OverrideWatcher(etcd, self.prefix)
         self._closed = False
 
     # -- registration --------------------------------------------------------------
@@ -191,15 +198,16 @@ class AsyncClient:
             if service
             else self.prefix + "/"
         )
-        result = await self.etcd.get(key_prefix, prefix=True)
         found: list[Instance] = []
-        for kv in result.kvs:
-            try:
-                found.append(
-                    decode_instance(self.prefix, kv.key, kv.value, kv.mod_revision, kv.lease)
-                )
-            except MalformedValueError as exc:
-                log.warning("skipping %s", exc)
+        # Each page is decoded while etcd reads the next (get_prefix_pages asks ahead).
+        async for page in self.etcd.get_prefix_pages(key_prefix):
+            for kv in page.kvs:
+                try:
+                    found.append(
+                        decode_instance(self.prefix, kv.key, kv.value, kv.mod_revision, kv.lease)
+                    )
+                except MalformedValueError as exc:
+                    log.warning("skipping %s", exc)
         return tuple(sorted(found, key=lambda i: (i.service, i.id)))
 
     async def _open_cache(self, key_prefix: str, service: str | None) -> ServiceCache:
@@ -212,6 +220,7 @@ class AsyncClient:
                 key_prefix,
                 on_idle=self._forget_watcher,
                 expiry=self.expiry_protection,
+                overrides=self._overrides,
             )
         cache = ServiceCache(watcher, service)
         watcher.subscribe(cache)
@@ -242,6 +251,70 @@ class AsyncClient:
         """Watches this client holds open (one per distinct prefix)."""
         return len(self._watchers)
 
+    # -- operator overrides --------------------------------------------------------
+
+    async def set_override(
+        self,
+        service: str,
+        instance_id: str | None = None,
+        *,
+        disabled: bool | None = None,
+        weight: int | None = None,
+        reason: str | None = None,
+        by: str | None = None,
+        expires_in: float | None = None,
+    ) -> Override | None:
+        """Set an operator override on one instance (or, without ``instance_id``, on
+        the whole service): ``disabled=True`` takes it out of rotation for every
+        reader, ``weight`` replaces its own. Fields left None keep their current value;
+        ``by`` defaults to ``user@host``; ``expires_in`` seconds ends it by itself.
+        The override lives apart from the instance's lease: it survives
+        re-registration and restarts. Returns None when nothing is left to override
+        (``disabled=False`` without a weight removes it)."""
+        self._check_open()
+        validate_service_name(service)
+        return await write_override(
+            self.etcd,
+            self.prefix,
+            service,
+            instance_id,
+            disabled=disabled,
+            weight=weight,
+            reason=reason,
+            by=by,
+            expires_in=expires_in,
+        )
+
+    async def clear_override(self, service: str, instance_id: str | None = None) -> bool:
+        """Remove the override on an instance (or the service's own); True if there
+        was one."""
+        self._check_open()
+        validate_service_name(service)
+        if instance_id is not None:
+            validate_instance_id(instance_id)
+        result = await self.etcd.delete(override_key(self.prefix, service, instance_id))
+        return result.deleted > 0
+
+    async def list_overrides(self, service: str | None = None) -> tuple[Override, ...]:
+        """One read of etcd: the overrides in force (of ``service``, or all)."""
+        self._check_open()
+        if service is not None:
+            validate_service_name(service)
+        return await read_overrides(self.etcd, self.prefix, service)
+
+    async def remove_instance(self, service: str, instance_id: str) -> Instance | None:
+        """Delete an instance's key from etcd (a stale entry, say) and return what it
+        was, with the lease that held it; None when there was none. A live instance
+        puts its key back within a keepalive round: take it out of rotation with an
+        override instead."""
+        self._check_open()
+        key = instance_key(self.prefix, validate_service_name(service), instance_id)
+        result = await self.etcd.delete(key, prev_kv=True)
+        for kv in result.prev_kvs:
+            with contextlib.suppress(MalformedValueError):
+                return decode_instance(self.prefix, kv.key, kv.value, kv.mod_revision, kv.lease)
+        return None
+
     # -- lifecycle -----------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -257,6 +330,7 @@ class AsyncClient:
         await asyncio.gather(*(k.close(timeout) for k in self._keepers.values()))
         await asyncio.gather(*(w.stop() for w in list(self._watchers.values())))
         self._watchers.clear()
+        await self._overrides._stop()
         await self._stream.close()
         await self.etcd.close()
 

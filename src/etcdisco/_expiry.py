@@ -22,7 +22,6 @@ the cache cannot tell what happened in between, so it removes without protecting
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -148,6 +147,7 @@ class ExpiryGuard:
         self._held: dict[str, tuple[Instance, float]] = {}
         self._held_per_service: Counter[str] = Counter()
         self.engagements = 0
+        self._engaged: list[tuple[str, int, int]] = []  # since the last report()
 
     @property
     def suspects(self) -> tuple[Instance, ...]:
@@ -189,15 +189,9 @@ class ExpiryGuard:
         if lost + live < self.config.min_instances or lost / (lost + live) <= self.config.threshold:
             return [ChangeEvent(EventType.REMOVED, old)]
         self.engagements += 1
-        log.warning(
-            "mass expiry of %s: %d of %d instances lost their lease within %.0fs; "
-            "keeping them as suspect for up to %.0fs",
-            service,
-            lost,
-            lost + live,
-            self.config.window,
-            self.config.hold,
-        )
+        # Told in one line per batch (see report()): a lease shared by thousands of
+        # services would otherwise write thousands of lines at once.
+        self._engaged.append((service, lost, lost + live))
         del recent[old.key]
         events = [self._hold(inst, instances, now, previous=None) for _, inst in recent.values()]
         events.append(self._hold(old, instances, now, previous=old))
@@ -207,10 +201,37 @@ class ExpiryGuard:
         del self._recent[service]
         return events
 
+    def report(self) -> None:
+        """Log the protections engaged since the last call, in one line."""
+        engaged, self._engaged = self._engaged, []
+        if not engaged:
+            return
+        shown = ", ".join(f"{s}: {lost} of {total}" for s, lost, total in engaged[:3])
+        if len(engaged) > 3:
+            shown += f" and {len(engaged) - 3} more services"
+        log.warning(
+            "mass expiry (%s instances lost their lease within %.0fs); keeping them as "
+            "suspect for up to %.0fs",
+            shown,
+            self.config.window,
+            self.config.hold,
+        )
+
     def _hold(
         self, inst: Instance, instances: InstanceTable, now: float, previous: Instance | None
     ) -> ChangeEvent:
-        suspect = dataclasses.replace(inst, suspect=True)
+        # Built directly: dataclasses.replace() was half the cost of a mass expiry.
+        suspect = Instance(
+            service=inst.service,
+            id=inst.id,
+            address=inst.address,
+            metadata=inst.metadata,
+            key=inst.key,
+            revision=inst.revision,
+            lease=inst.lease,
+            suspect=True,
+            override=inst.override,
+        )
         instances[inst.key] = suspect
         if self._held.pop(inst.key, None) is None:
             self._held_per_service[inst.service] += 1

@@ -11,9 +11,13 @@ number, since other writers (Go's endpoints.Manager, etcdctl, grpcproxy) differ.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import re
+import sys
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -30,6 +34,7 @@ __all__ = [
     "ChangeEvent",
     "EventType",
     "Instance",
+    "Override",
     "Status",
     "decode_instance",
     "decode_value",
@@ -75,6 +80,7 @@ def validate_service_name(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=64)
 def validate_prefix(prefix: str) -> str:
     """Return the prefix without trailing slashes, or raise ConfigError.
 
@@ -136,9 +142,63 @@ class Status(StrEnum):
     UP = "up"
     DRAINING = "draining"
     UNHEALTHY = "unhealthy"
+    DISABLED = "disabled"
+    """Taken out of rotation by an operator's override (never written by instances)."""
 
 
 _STATUS_VALUES = frozenset(status.value for status in Status)
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """An operator's word on a service or one of its instances, kept in etcd apart
+    from the instances' own keys (see ``etcdisco._overrides`` for the layout).
+
+    ``disabled`` takes the instance(s) out of rotation; ``weight`` replaces the
+    instance's own. ``expires_at`` (Unix time) ends it by itself; ``reason`` and
+    ``by`` say why and who. ``instance_id`` None: the whole service."""
+
+    service: str
+    instance_id: str | None = None
+    disabled: bool = False
+    weight: int | None = None
+    reason: str = ""
+    by: str = ""
+    expires_at: float | None = None
+    created_at: float = 0.0
+    key: str = ""
+    revision: int = 0
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (
+            time.time() if now is None else now
+        )
+
+    def merged_with(self, service_wide: Override | None) -> Override:
+        """This instance override over a service-wide one: disabled if either says
+        so, the instance's weight before the service's."""
+        if service_wide is None:
+            return self
+        return dataclasses.replace(
+            self,
+            disabled=self.disabled or service_wide.disabled,
+            weight=self.weight if self.weight is not None else service_wide.weight,
+            reason=self.reason or service_wide.reason,
+            by=self.by or service_wide.by,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"service": self.service, "disabled": self.disabled}
+        if self.instance_id is not None:
+            out["id"] = self.instance_id
+        if self.weight is not None:
+            out["weight"] = self.weight
+        for name in ("reason", "by"):
+            if getattr(self, name):
+                out[name] = getattr(self, name)
+        if self.expires_at is not None:
+            out["expires_at"] = self.expires_at
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,16 +222,31 @@ class Instance:
     for a bounded time (see ``ExpiryProtection``). A suspect is not ``healthy``, so a
     picker that only knows ``healthy`` never sends it traffic; pickers that filter with
     :func:`usable` fall back to suspects when nothing live is left."""
+    override: Override | None = None
+    """The operator's override in force for this instance (its own merged with the
+    service's), as the cache that produced this instance saw it."""
 
     def __post_init__(self) -> None:
-        # Copy so that a caller mutating its dict cannot change a cached instance.
-        object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
+        # Copy so that a caller mutating its dict cannot change a cached instance; a
+        # read-only mapping made by the decoder (possibly shared) is kept as is.
+        if type(self.metadata) is not MappingProxyType:
+            object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
 
     def __hash__(self) -> int:
         return hash((self.key, self.revision))
 
     @property
+    def disabled(self) -> bool:
+        """Taken out of rotation by an operator's override still in force."""
+        o = self.override
+        return o is not None and o.disabled and not o.expired()
+
+    @property
     def status(self) -> Status:
+        """The status every reader acts on: ``disabled`` under an operator's override,
+        else the instance's own word (metadata ``status``)."""
+        if self.disabled:
+            return Status.DISABLED
         # Unknown statuses (from newer or foreign writers) count as UP so that an
         # instance is never dropped over a word this version does not know; the raw
         # value stays readable in metadata.
@@ -182,6 +257,11 @@ class Instance:
 
     @property
     def weight(self) -> int:
+        """The operator's override weight if one is in force, else metadata ``weight``
+        (default 1)."""
+        o = self.override
+        if o is not None and o.weight is not None and not o.expired():
+            return o.weight
         raw = self.metadata.get("weight")
         if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
             return raw
@@ -206,6 +286,8 @@ class Instance:
         }
         if self.suspect:
             out["suspect"] = True
+        if self.override is not None and not self.override.expired():
+            out["override"] = self.override.to_dict()
         return out
 
 
@@ -257,12 +339,17 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# Built once: json.loads with options makes a new decoder per call, which at a hundred
+# thousand values costs more than the parsing itself.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def _loads(text: str) -> Any:
     """Parse strict JSON no deeper than MAX_JSON_DEPTH; ValueError carries the reason."""
     if _too_deep(text, MAX_JSON_DEPTH):
         raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        return _DECODER.decode(text)
     except RecursionError:
         # Only reachable when the caller is already deep in its own stack.
         raise ValueError("JSON nested too deeply to parse") from None
@@ -324,23 +411,79 @@ def encode_value(address: str, metadata: Mapping[str, Any] | None = None) -> byt
     return data
 
 
-def _decode_metadata(raw: Any) -> dict[str, Any]:
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+# Fleets repeat their metadata (same zone, version, weight): one read-only mapping per
+# distinct metadata text serves every instance that carries it, saving the parse and
+# the memory. Bounded: a registry of all-distinct metadata only loses the sharing.
+_SHARED_METADATA: dict[str, Mapping[str, Any]] = {}
+_SHARED_LIMIT = 8192
+
+
+def _decode_metadata(raw: Any) -> Mapping[str, Any]:
     if raw is None:
-        return {}
+        return _EMPTY
     if isinstance(raw, dict):
-        return raw
+        return MappingProxyType(raw)
     if isinstance(raw, str):
+        shared = _SHARED_METADATA.get(raw)
+        if shared is not None:
+            return shared
         try:
             parsed = _loads(raw)
         except ValueError:
-            return {"value": raw}
-        return parsed if isinstance(parsed, dict) else {"value": raw}
-    return {"value": raw}
+            return MappingProxyType({"value": raw})
+        if not isinstance(parsed, dict):
+            return MappingProxyType({"value": raw})
+        metadata: Mapping[str, Any] = MappingProxyType(parsed)
+        if len(_SHARED_METADATA) >= _SHARED_LIMIT:
+            _SHARED_METADATA.clear()
+        _SHARED_METADATA[raw] = metadata
+        return metadata
+    return MappingProxyType({"value": raw})
 
 
-def decode_value(key: str, value: bytes) -> tuple[str, dict[str, Any]]:
+# The exact shape encode_value and Go's naming package write, with an address that
+# needs no unescaping and metadata null or a JSON string: read without a JSON parse
+# of the whole value (half the cost of warming a large cache). Anything else takes
+# the general path below, which gives the same answer more slowly.
+_CANONICAL = re.compile(
+    rb'\{"Op":0,"Addr":"([!#-\[\]-~]+)","Metadata":'
+    rb'(null|"[^"\\\x00-\x1f]*(?:\\.[^"\\\x00-\x1f]*)*")\}',
+    re.DOTALL,
+)
+_SHARED_LITERALS: dict[bytes, Mapping[str, Any]] = {}
+
+
+def _decode_canonical(value: bytes) -> tuple[str, Mapping[str, Any]] | None:
+    match = _CANONICAL.fullmatch(value)
+    if match is None or len(value) > MAX_VALUE_SIZE:
+        return None
+    address = match.group(1).decode("ascii")
+    try:
+        parse_address(address)
+    except InvalidAddressError:
+        return None  # the general path says why
+    literal = match.group(2)
+    if literal == b"null":
+        return address, _EMPTY
+    shared = _SHARED_LITERALS.get(literal)
+    if shared is None:
+        try:
+            raw = _DECODER.decode(literal.decode("utf-8"))
+        except ValueError:  # bad UTF-8 or escape: the general path reports it
+            return None
+        shared = _decode_metadata(raw)
+        if len(_SHARED_LITERALS) >= _SHARED_LIMIT:
+            _SHARED_LITERALS.clear()
+        _SHARED_LITERALS[literal] = shared
+    return address, shared
+
+
+def decode_value(key: str, value: bytes) -> tuple[str, Mapping[str, Any]]:
     """Read ``(address, metadata)`` from a value; any unusable value raises
     MalformedValueError and nothing else."""
+    if type(value) is bytes and (canonical := _decode_canonical(value)) is not None:
+        return canonical
     if not isinstance(value, bytes | bytearray):
         raise MalformedValueError(key, f"value is {type(value).__name__}, not bytes")
     if len(value) > MAX_VALUE_SIZE:
@@ -390,9 +533,11 @@ def decode_instance(
             key_text, f"key is not of the form {validate_prefix(prefix)}/<service>/<id>"
         )
     address, metadata = decode_value(key_text, value)
+    service, instance_id = parts
     return Instance(
-        service=parts[0],
-        id=parts[1],
+        service=sys.intern(service),
+        # Ids default to the address: one string serves both.
+        id=address if instance_id == address else instance_id,
         address=address,
         metadata=metadata,
         key=key_text,
@@ -424,7 +569,12 @@ class ChangeEvent:
 
 def same_content(a: Instance, b: Instance) -> bool:
     """Nothing a client acts on differs (revision and lease aside)."""
-    return a.address == b.address and a.metadata == b.metadata and a.suspect == b.suspect
+    return (
+        a.address == b.address
+        and a.metadata == b.metadata
+        and a.suspect == b.suspect
+        and a.override == b.override
+    )
 
 
 def diff(old: Mapping[str, Instance], new: Mapping[str, Instance]) -> list[ChangeEvent]:

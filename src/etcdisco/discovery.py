@@ -1,11 +1,11 @@
 """Discovery: a local cache of a service's instances that follows etcd.
 
-A :class:`PrefixWatcher` owns one list + watch loop per key prefix and client; every
-:class:`ServiceCache` on that prefix subscribes to it, so many caches cost etcd one
-watch. The loop lists the prefix at revision R, watches from R + 1, and after any
-break resumes from the last delivered event's revision + 1. A compaction makes it
-re-list and emit only the difference. Errors never empty the cache: while etcd is
-unreachable the last known instances stay served and the state says ``stale``.
+A :class:`PrefixWatcher` owns one list + watch loop per key prefix and client (the
+loop itself is ``_follow.KeyFollower``); every :class:`ServiceCache` on that prefix
+subscribes to it, so many caches cost etcd one watch. A compaction makes it re-list
+and emit only the difference. Errors never empty the cache: while etcd is unreachable
+the last known instances stay served and the state says ``stale``. Operator overrides
+(``_overrides``) are folded into the instances, so every reader honours them.
 
 With :class:`~etcdisco.ExpiryProtection` (on by default), instances that vanish by
 lease expiry together are kept as ``suspect`` for a while (see ``_expiry``).
@@ -14,56 +14,29 @@ lease expiry together are kept as ``suspect`` for a while (see ``_expiry``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import enum
 import logging
-import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
-from ._backoff import Backoff
-from ._errors import (
-    AuthError,
-    ClosedError,
-    CompactedError,
-    EtcdError,
-    EtcdTimeoutError,
-    MalformedValueError,
-    UnavailableError,
-)
+from ._errors import EtcdTimeoutError, MalformedValueError
 from ._expiry import ExpiryGuard, ExpiryProtection, InstanceTable
+from ._follow import CacheState, KeyFollower
 from ._model import ChangeEvent, EventType, Instance, decode_instance, diff, same_content
-from ._tasks import cancelling
-from .etcd import EtcdClient, KeyValue, Watch, WatchEventType
+from ._overrides import OverrideWatcher
+from .etcd import EtcdClient, KeyValue, WatchEvent, WatchEventType
+
+__all__ = ["CacheState", "EventListener", "EventStream", "PrefixWatcher", "ServiceCache"]
 
 log = logging.getLogger("etcdisco.discovery")
-
-# How often a quiet watch is asked to prove it is alive, and how long it may take.
-# Together they bound how long a watch on a stalled member (alive, answering nothing)
-# can pass for synced: 8 s, well inside what a lease TTL of a few seconds tolerates.
-_PROGRESS_EVERY = 5.0
-_PROGRESS_TIMEOUT = 3.0
-# A watch or list refused for lack of permission is retried slowly: a fresh token
-# does not grant a permission, and a hot loop of re-authentication is what etcd
-# operators see as an attack (DESIGN.md section 5.8).
-_DENIED_BACKOFF = Backoff(initial=5.0, maximum=60.0)
-
-
-class CacheState(enum.StrEnum):
-    """Where a cache stands with etcd (``ServiceCache.state``)."""
-
-    CONNECTING = "connecting"  # no list has succeeded yet
-    SYNCED = "synced"  # following etcd live
-    STALE = "stale"  # etcd unreachable; serving the last known instances
-    CLOSED = "closed"
 
 
 EventListener = Callable[[list[ChangeEvent]], None]
 
 
-class PrefixWatcher:
-    """Owns the list + watch loop of one prefix; shared by the caches on it."""
+class PrefixWatcher(KeyFollower["_InstanceListing"]):
+    """The instances under one prefix, kept by one list + watch loop; shared by the
+    caches on it. Operator overrides (``overrides``) are folded into the instances it
+    hands out."""
 
     def __init__(
         self,
@@ -73,29 +46,19 @@ class PrefixWatcher:
         *,
         on_idle: Callable[[PrefixWatcher], None],
         expiry: ExpiryProtection | None = None,
+        overrides: OverrideWatcher | None = None,
     ) -> None:
-        self._etcd = etcd
+        super().__init__(etcd, key_prefix)
         self.root = root  # the registry prefix, e.g. "services"
-        self.key_prefix = key_prefix  # what is watched, e.g. "services/echo/"
         self._on_idle = on_idle
         self.instances = InstanceTable()
         self._snapshot: tuple[Instance, ...] | None = None
         self._bad_keys: set[str] = set()
-        self.revision = 0  # last revision fully applied
-        self.state = CacheState.CONNECTING
         self.malformed = 0
-        self.resyncs = 0
-        self.events_applied = 0
-        self.last_sync = 0.0
         self._subscribers: list[ServiceCache] = []
-        self._ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._backoff = Backoff(initial=0.1, maximum=5.0)
-        self._denied_backoff = dataclasses.replace(_DENIED_BACKOFF)
-        self._denials = 0  # AuthErrors in a row
-        self._last_error: BaseException | None = None
         self._expiry = ExpiryGuard(expiry) if expiry is not None else None
         self._expiry_timer: asyncio.TimerHandle | None = None
+        self._overrides = overrides
 
     @property
     def expiry_protections(self) -> int:
@@ -106,10 +69,10 @@ class PrefixWatcher:
 
     def subscribe(self, cache: ServiceCache) -> None:
         self._subscribers.append(cache)
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"etcdisco-watch-{self.key_prefix}"
-            )
+        if not self.running:
+            if self._overrides is not None:
+                self._overrides.attach(self)
+            self._start()
 
     async def unsubscribe(self, cache: ServiceCache) -> None:
         if cache in self._subscribers:
@@ -123,35 +86,23 @@ class PrefixWatcher:
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
             self._expiry_timer = None
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._set_state(CacheState.CLOSED)
+        if self._overrides is not None:
+            await self._overrides.detach(self)
+        await self._stop()
         subscribers, self._subscribers = self._subscribers, []
         for cache in subscribers:
             cache._end()
 
     async def wait_ready(self) -> None:
+        """The first listing is in, and the overrides' (or their first failure: a
+        client that may not read them still discovers)."""
         await self._ready.wait()
+        if self._overrides is not None:
+            await self._overrides.settled.wait()
 
-    @property
-    def endpoints(self) -> str:
-        return ", ".join(self._etcd.endpoints)
-
-    @property
-    def last_error(self) -> BaseException | None:
-        return self._last_error
-
-    def _set_state(self, state: CacheState) -> None:
-        if state is self.state:
-            return
-        old, self.state = self.state, state
-        level = logging.WARNING if state is CacheState.STALE else logging.INFO
-        log.log(level, "cache %s: %s -> %s", self.key_prefix, old.value, state.value)
+    def _state_changed(self, old: CacheState, new: CacheState) -> None:
         for cache in list(self._subscribers):
-            cache._state_changed(state)
+            cache._state_changed(new)
 
     def snapshot(self) -> tuple[Instance, ...]:
         """The instances as a sorted tuple, rebuilt only after a change: pickers
@@ -175,7 +126,7 @@ class PrefixWatcher:
             self._expiry_timer.cancel()
             self._expiry_timer = None
         delay = self._expiry.seconds_to_next()
-        if delay is not None and self._task is not None:
+        if delay is not None and self.running:
             self._expiry_timer = asyncio.get_running_loop().call_later(delay, self._expire_due)
 
     def _expire_due(self) -> None:
@@ -183,133 +134,48 @@ class PrefixWatcher:
         if self._expiry is not None:
             self._publish(self._expiry.expire(self.instances))
 
-    # -- the loop ------------------------------------------------------------------
+    # -- overrides -----------------------------------------------------------------
 
-    async def _run(self) -> None:
-        must_list = True
-        while True:
-            try:
-                if must_list:
-                    await self._list()
-                    must_list = False
-                await self._follow()
-            except asyncio.CancelledError:
-                if cancelling():
-                    raise
-                # A stream cancelled under us is a broken watch, not a request to stop:
-                # ending here would leave the cache frozen while it says synced.
-                await self._retry_after(UnavailableError("watch stream was cancelled"))
-            except CompactedError as exc:
-                # History we missed is gone: re-list and emit only what changed.
-                log.info(
-                    "watch on %s compacted at %d; re-listing", self.key_prefix, exc.compact_revision
-                )
-                self.resyncs += 1
-                must_list = True
-            except ClosedError as exc:
-                self._last_error = exc
-                return
-            except EtcdError as exc:
-                await self._retry_after(exc)
-            except Exception as exc:  # never let the follower die: it would go stale silently
-                log.exception("watch loop on %s failed; restarting", self.key_prefix)
-                must_list = True
-                await self._retry_after(exc)
+    def _with_override(self, inst: Instance) -> Instance:
+        store = self._overrides
+        if store is None or not store.covers(inst.service):
+            return inst
+        override = store.effective(inst.service, inst.id)
+        return inst if override is None else dataclasses.replace(inst, override=override)
 
-    async def _retry_after(self, exc: BaseException) -> None:
-        self._last_error = exc
-        if self._ready.is_set():
-            self._set_state(CacheState.STALE)
-        if isinstance(exc, AuthError):
-            self._denials += 1
-        else:
-            self._denials = 0
-        if self._denials >= 2:
-            # Refused again with a fresh token: a missing permission, not a stale token.
-            delay = self._denied_backoff.next_delay()
-            if self._denials == 2:
-                log.warning(
-                    "etcd refuses to let this client read %s (%s); retrying every %.0fs at most",
-                    self.key_prefix,
-                    exc,
-                    self._denied_backoff.maximum,
-                )
-        else:
-            delay = self._backoff.next_delay()
-        log.debug("watch on %s broke (%s); retrying in %.2fs", self.key_prefix, exc, delay)
-        await asyncio.sleep(delay)
+    def overrides_changed(self, services: set[str]) -> None:
+        """The overrides of ``services`` changed (or expired): re-derive their
+        instances and tell subscribers what that changed."""
+        store = self._overrides
+        if store is None:
+            return
+        changes: list[ChangeEvent] = []
+        for key, inst in list(self.instances.items()):
+            if inst.service not in services:
+                continue
+            override = store.effective(inst.service, inst.id)
+            if override != inst.override:
+                fresh = dataclasses.replace(inst, override=override)
+                self.instances[key] = fresh
+                changes.append(ChangeEvent(EventType.UPDATED, fresh, inst))
+        if changes:
+            self._publish(changes)
 
-    async def _list(self) -> None:
-        result = await self._etcd.get(self.key_prefix, prefix=True)
-        fresh = InstanceTable()
-        bad: set[str] = set()
-        for kv in result.kvs:
-            inst = self._decode(kv)
-            if inst is None:
-                bad.add(kv.key.decode("utf-8", "replace"))
-            else:
-                fresh[inst.key] = inst
+    # -- what the follower hands over ------------------------------------------------
+
+    def _new_listing(self) -> _InstanceListing:
+        return _InstanceListing(self._decode)
+
+    def _loaded(self, listing: _InstanceListing) -> None:
+        fresh = listing.instances
         if self._expiry is not None:
             self._expiry.carry(fresh)
         events = diff(self.instances, fresh)
         self.instances = fresh
-        self._bad_keys = bad
-        self.revision = result.revision
-        self._synced()
+        self._bad_keys = listing.bad
         self._publish(events)
 
-    def _synced(self) -> None:
-        self.last_sync = time.monotonic()
-        self._backoff.reset()
-        self._denied_backoff.reset()
-        self._denials = 0
-        self._last_error = None
-        self._set_state(CacheState.SYNCED)
-        self._ready.set()
-
-    async def _follow(self) -> None:
-        watch = self._etcd.watch(
-            self.key_prefix,
-            prefix=True,
-            start_revision=self.revision + 1,
-            progress_notify=True,
-            require_leader=True,
-        )
-        await watch.start()
-        self._synced()
-        prober = asyncio.get_running_loop().create_task(self._probe(watch))
-        try:
-            async for batch in watch:
-                self._apply(batch.events)
-                self.last_sync = time.monotonic()
-        finally:
-            prober.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await prober
-            await watch.cancel()
-        raise EtcdTimeoutError(f"watch on {self.key_prefix} went silent")
-
-    async def _probe(self, watch: Watch) -> None:
-        """A stream can stay open on a member cut off from the rest: ask for progress
-        regularly and break the watch when no answer comes."""
-        while True:
-            await asyncio.sleep(_PROGRESS_EVERY)
-            asked = time.monotonic()
-            with contextlib.suppress(Exception):
-                await watch.request_progress()
-            await asyncio.sleep(_PROGRESS_TIMEOUT)
-            if self.last_sync < asked:
-                log.warning("watch on %s gave no progress; reconnecting", self.key_prefix)
-                watch.abandon(
-                    EtcdTimeoutError(
-                        f"watch on {self.key_prefix} gave no progress within "
-                        f"{_PROGRESS_TIMEOUT:.0f}s"
-                    )
-                )
-                return
-
-    def _apply(self, events: tuple[Any, ...]) -> None:
-        self.events_applied += len(events)
+    def _applied(self, events: Sequence[WatchEvent]) -> None:
         changes: list[ChangeEvent] = []
         for ev in events:
             kv: KeyValue = ev.kv
@@ -339,12 +205,21 @@ class PrefixWatcher:
                         changes.append(ChangeEvent(EventType.ADDED, inst, None))
                     elif not same_content(old, inst):
                         changes.append(ChangeEvent(EventType.UPDATED, inst, old))
-            self.revision = max(self.revision, kv.mod_revision)
+        if self._expiry is not None:
+            self._expiry.report()
         self._publish(changes)
 
-    def _decode(self, kv: KeyValue) -> Instance | None:
+    def _decode(
+        self, kv: KeyValue, revision: int | None = None, lease: int | None = None
+    ) -> Instance | None:
         try:
-            return decode_instance(self.root, kv.key, kv.value, kv.mod_revision, kv.lease)
+            inst = decode_instance(
+                self.root,
+                kv.key,
+                kv.value,
+                kv.mod_revision if revision is None else revision,
+                kv.lease if lease is None else lease,
+            )
         except MalformedValueError as exc:
             self.malformed += 1
             # One warning per bad key per process keeps logs readable under garbage.
@@ -352,6 +227,32 @@ class PrefixWatcher:
             if key not in self._bad_keys:
                 log.warning("skipping %s", exc)
             return None
+        return self._with_override(inst)
+
+
+class _InstanceListing:
+    """A listing decoded page by page into a fresh table.
+
+    Revisions and lease ids repeat across keys (one lease per registering process,
+    one revision per transaction): each distinct number is kept once, which at
+    100,000 instances saves tens of bytes per instance."""
+
+    def __init__(self, decode: Callable[[KeyValue, int, int], Instance | None]) -> None:
+        self._decode = decode
+        self.instances = InstanceTable()
+        self.bad: set[str] = set()
+        self._numbers: dict[int, int] = {}
+
+    def add(self, kvs: Sequence[KeyValue]) -> None:
+        numbers = self._numbers.setdefault
+        for kv in kvs:
+            inst = self._decode(
+                kv, numbers(kv.mod_revision, kv.mod_revision), numbers(kv.lease, kv.lease)
+            )
+            if inst is None:
+                self.bad.add(kv.key.decode("utf-8", "replace"))
+            else:
+                self.instances[inst.key] = inst
 
 
 class ServiceCache:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from ._async_client import AsyncClient
 from ._errors import ClosedError, EtcdTimeoutError
 from ._expiry import DEFAULT_EXPIRY_PROTECTION, ExpiryProtection
-from ._model import DEFAULT_PREFIX, ChangeEvent, Instance
+from ._model import DEFAULT_PREFIX, ChangeEvent, Instance, Override
 from ._settings import ClientSettings, settings_from
 from .discovery import CacheState, EventListener, ServiceCache
 from .health import Check, CheckResult
@@ -554,6 +554,42 @@ class Client:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def set_override(
+        self,
+        service: str,
+        instance_id: str | None = None,
+        *,
+        disabled: bool | None = None,
+        weight: int | None = None,
+        reason: str | None = None,
+        by: str | None = None,
+        expires_in: float | None = None,
+    ) -> Override | None:
+        """See :meth:`AsyncClient.set_override`."""
+        return self._run(
+            self._async.set_override(
+                service,
+                instance_id,
+                disabled=disabled,
+                weight=weight,
+                reason=reason,
+                by=by,
+                expires_in=expires_in,
+            )
+        )
+
+    def clear_override(self, service: str, instance_id: str | None = None) -> bool:
+        """See :meth:`AsyncClient.clear_override`."""
+        return self._run(self._async.clear_override(service, instance_id))
+
+    def list_overrides(self, service: str | None = None) -> tuple[Override, ...]:
+        """See :meth:`AsyncClient.list_overrides`."""
+        return self._run(self._async.list_overrides(service))
+
+    def remove_instance(self, service: str, instance_id: str) -> Instance | None:
+        """See :meth:`AsyncClient.remove_instance`."""
+        return self._run(self._async.remove_instance(service, instance_id))
 
     def list_instances(self, service: str | None = None) -> tuple[Instance, ...]:
         """One read of etcd, no cache (see :meth:`AsyncClient.list_instances`)."""

@@ -63,6 +63,7 @@ async def test_register_list_watch(etcd) -> None:
                     "id": "127.0.0.1:7001",
                     "address": "127.0.0.1:7001",
                     "metadata": {"zone": "a", "weight": 3},
+                    "status": "up",  # the effective status (an operator's override wins)
                 }
             ]
             table = await asyncio.to_thread(run, "--endpoints", ep, "list")

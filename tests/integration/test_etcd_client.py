@@ -29,6 +29,25 @@ async def test_kv_and_txn(etcd) -> None:
         assert (await c.get("b/1")).kvs[0].value == b"z"
 
 
+async def test_prefix_pages_are_one_snapshot(etcd) -> None:
+    """A listing in pages reads every page at the first page's revision: a write made
+    between two pages is not in it, and nothing is missed or repeated."""
+    async with EtcdClient(etcd.endpoint) as c:
+        for i in range(10):
+            await c.put(f"p/{i:02d}", str(i))
+        pages = c.get_prefix_pages("p/", page=3)
+        first = await anext(pages)
+        await c.put("p/99", "late")
+        await c.delete("p/09")
+        rest = [page async for page in pages]
+        keys = [kv.key for page in (first, *rest) for kv in page.kvs]
+        assert keys == [f"p/{i:02d}".encode() for i in range(10)]
+        assert [len(page.kvs) for page in (first, *rest)] == [3, 3, 3, 1]
+        assert {page.revision for page in rest} == {first.revision}
+        whole = await c.get_prefix("p/", page=4)
+        assert [kv.key for kv in whole.kvs][-1] == b"p/99" and len(whole.kvs) == 10
+
+
 async def test_watch_delivers_events_with_prev_kv(etcd) -> None:
     async with EtcdClient(etcd.endpoint) as c:
         start = (await c.get("w")).revision + 1

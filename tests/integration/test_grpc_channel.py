@@ -315,3 +315,18 @@ async def test_no_instance_is_unavailable(etcd) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as aio_error:
             await echo_pb2_grpc.EchoStub(ach).Say(Say(), timeout=1)
         assert aio_error.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_sync_channel_honours_an_operator_disable(etcd, fleet: Fleet) -> None:
+    s1, _s2 = fleet.start("s1", "s2")
+    with (
+        etcdisco.Client(etcd.endpoint) as client,
+        etcdisco.grpc.channel(client, "echo") as ch,
+    ):
+        stub = echo_pb2_grpc.EchoStub(ch)
+        assert {stub.Say(Say(), timeout=5).server for _ in range(10)} == {"s1", "s2"}
+        client.set_override("echo", s1.address, disabled=True, reason="test")
+        deadline = time.monotonic() + 10
+        while "s1" in {stub.Say(Say(), timeout=5).server for _ in range(4)}:
+            assert time.monotonic() < deadline, "the channel kept calling a disabled instance"
+        assert {stub.Say(Say(), timeout=5).server for _ in range(20)} == {"s2"}

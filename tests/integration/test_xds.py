@@ -284,6 +284,29 @@ async def test_draining_instance_stops_receiving_calls(client: AsyncClient, xds:
     report("deregister -> last call to the removed instance", gone["at"] - removed)
 
 
+async def test_an_operator_disable_stops_calls_to_an_instance(
+    client: AsyncClient, xds: XdsServer
+) -> None:
+    """An override (kept apart from the instance's own key) reaches gRPC clients
+    through xDS: the endpoint goes DRAINING, calls stop, and come back on enable."""
+    async with backends(3) as servers:
+        regs = await register_all(client, servers)
+        await wait_served(xds, "echo", 3)
+        async with xds_client(xds.bootstrap()) as caller:
+            warm = await caller.run(op="call", n=9)
+            assert "b0" in warm["counts"], warm
+            waiting = asyncio.ensure_future(caller.run(op="until", want="b0", present=False))
+            await client.set_override("echo", regs[0].instance_id, disabled=True, reason="test")
+            disabled = await waiting
+            after = await caller.run(op="call", n=30)
+            waiting = asyncio.ensure_future(caller.run(op="until", want="b0", present=True))
+            await client.set_override("echo", regs[0].instance_id, disabled=False)
+            enabled = await waiting
+    assert disabled["at"] is not None and disabled["n_errors"] == 0, disabled
+    assert after["n_errors"] == 0 and "b0" not in after["counts"], after
+    assert enabled["at"] is not None, f"b0 never came back: {enabled['counts']}"
+
+
 # A backend in a process of its own, to be killed (SIGKILL) with a call in flight: it
 # prints its port, then "call" as each call starts, and answers after a second.
 SLOW_BACKEND = r"""

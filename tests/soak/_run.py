@@ -551,7 +551,9 @@ class Soak:
         return streams, watchers
 
     async def _check_watch_streams(self, patience: float) -> None:
-        need = float(len([w for w in self.watchers if w.live]))  # one watch each
+        # Two watches each: the instances, and the operators' overrides under their own
+        # prefix (etcdisco/overrides/...), which every cache folds in.
+        need = 2.0 * len([w for w in self.watchers if w.live])
         began = time.monotonic()
         while True:
             streams, watchers = await self._watch_totals()

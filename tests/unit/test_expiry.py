@@ -192,3 +192,42 @@ def test_live_counts_follow_every_change() -> None:
     assert view.live("echo") == 1 and view.live("other") == 0
     with pytest.raises(TypeError):
         view.pop("s/echo/i2")
+
+
+def test_a_suspect_keeps_every_field_of_the_instance() -> None:
+    import dataclasses
+
+    from etcdisco import Override
+
+    guard, view = ExpiryGuard(ExpiryProtection(), Clock()), InstanceTable()
+    full = Instance(
+        "echo",
+        "i0",
+        "127.0.0.1:9000",
+        {"zone": "a"},
+        "s/echo/i0",
+        7,
+        lease=42,
+        override=Override("echo", "i0", disabled=True, reason="r", by="ops"),
+    )
+    for n in range(1, 4):
+        view[f"s/echo/i{n}"] = inst(n)
+    view[full.key] = full
+    guard._hold(full, view, 0.0, previous=None)
+    assert view[full.key] == dataclasses.replace(full, suspect=True)
+
+
+def test_many_services_engaging_at_once_log_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    guard, view = ExpiryGuard(ExpiryProtection(), Clock()), InstanceTable()
+    for s in range(50):
+        for i in fleet(4, f"svc{s}").values():
+            view[i.key] = i
+    for s in range(50):
+        for n in range(4):
+            guard.deleted(view[f"s/svc{s}/i{n}"], view)
+    assert guard.engagements == 50
+    with caplog.at_level("WARNING", logger="etcdisco"):
+        guard.report()
+        guard.report()
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "svc0: 3 of 4" in line and "47 more services" in line

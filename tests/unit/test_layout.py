@@ -2,8 +2,9 @@
 outside the unit tests leaning on private names.
 
 Layers, top to bottom: the command line and demos; integrations (grpc, metrics, agent,
-http); registry and discovery; the etcd client; its generated protobuf modules. The
-public testing package sits beside the top layer: the library never imports it.
+http, asgi, uvicorn, gunicorn); registry and discovery; the etcd client; its generated
+protobuf modules. The public testing package sits beside the top layer: the library
+never imports it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ PACKAGE = ROOT / "src" / "etcdisco"
 # Importers in these subpackages may use anything; nothing below them may use them.
 TOP = ("etcdisco.__main__", "etcdisco.cli", "etcdisco.demo", "etcdisco.testing")
 # The core: registry, discovery, sync facade, etcd client and what they stand on.
-CORE_MUST_NOT_IMPORT = (*TOP, "etcdisco.grpc", "etcdisco.metrics", "etcdisco.agent")
+CORE_MUST_NOT_IMPORT = (
+    *TOP,
+    "etcdisco.grpc",
+    "etcdisco.http",
+    "etcdisco.asgi",
+    "etcdisco.uvicorn",
+    "etcdisco.gunicorn",
+    "etcdisco.metrics",
+    "etcdisco.agent",
+)
 CORE = (
     "etcdisco._async_client",
     "etcdisco.registry",
@@ -28,6 +38,9 @@ CORE = (
     "etcdisco.health",
     "etcdisco.balancing",
     "etcdisco.outlier",
+    "etcdisco._routing",
+    "etcdisco._drain",
+    "etcdisco._advertise",
 )
 
 

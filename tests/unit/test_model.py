@@ -783,3 +783,59 @@ def test_diff_removed_carries_last_known_instance() -> None:
     assert event.type is EventType.REMOVED
     assert event.instance is last
     assert event.previous is None
+
+
+class _Slow(str):
+    """A str subclass skips parse_address's IPv4 fast path: the reference to match."""
+
+
+def _outcome(address: str) -> object:
+    try:
+        return parse_address(address)
+    except InvalidAddressError as exc:
+        return type(exc)
+
+
+@given(
+    st.lists(st.integers(0, 300), min_size=4, max_size=4),
+    st.integers(0, 70000),
+    st.lists(st.booleans(), min_size=5, max_size=5),
+)
+def test_the_ipv4_fast_path_agrees_with_the_full_check(
+    octets: list[int], port: int, zeros: list[bool]
+) -> None:
+    parts = [("0" if pad else "") + str(o) for o, pad in zip(octets, zeros, strict=False)]
+    address = ".".join(parts) + ":" + ("0" if zeros[4] else "") + str(port)
+    assert _outcome(address) == _outcome(_Slow(address))
+
+
+def _value_outcome(value: bytes | bytearray) -> object:
+    try:
+        address, metadata = decode_value("k", value)
+    except MalformedValueError:
+        return MalformedValueError
+    return address, dict(metadata)
+
+
+_TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=12) | st.sampled_from(
+    ['"', "\\", "\\u0000", "\n", "é", "\x7f", 'a\\"b']
+)
+
+
+@given(
+    st.sampled_from(["10.0.0.1:80", "localhost:8080", "[::1]:443", "x:0", "a b:1", "h:99999"]),
+    st.none() | st.dictionaries(_TEXT, _TEXT | st.integers() | st.booleans(), max_size=3),
+    st.integers(0, 120),
+    st.binary(max_size=3),
+)
+@settings(max_examples=400)
+def test_the_canonical_value_fast_path_agrees_with_the_general_one(
+    address: str, metadata: dict[str, object] | None, at: int, junk: bytes
+) -> None:
+    """A bytearray takes the general path: every value, well-formed or damaged,
+    must read the same both ways."""
+    metadata_text = None if metadata is None else json.dumps(metadata, ensure_ascii=False)
+    document = {"Op": 0, "Addr": address, "Metadata": metadata_text}
+    value = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+    for candidate in (value, value[:at] + junk + value[at:]):
+        assert _value_outcome(candidate) == _value_outcome(bytearray(candidate))

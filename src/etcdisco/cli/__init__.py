@@ -7,7 +7,8 @@
 - ``_main``: the group, ``register``, ``list``, ``watch``, ``etcd``, ``demo``; it
   wires in the families below.
 - ``_agent`` (``agent``, and the ``--check`` / probe options of ``register``),
-  ``_resolve`` (``resolve``), ``_xds`` (``xds``), ``_metrics`` (``--metrics-listen``).
+  ``_resolve`` (``resolve``), ``_xds`` (``xds``), ``_metrics`` (``--metrics-listen``),
+  ``_serve`` (``serve``: an ASGI app under uvicorn, registered and drained).
 
 ``main`` is the console entry point (``etcdisco``, ``python -m etcdisco``); ``cli``
 is the click group.

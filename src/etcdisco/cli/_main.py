@@ -5,8 +5,8 @@
 - ``register`` (one instance, in the foreground), ``list``, ``watch``;
 - ``etcd`` (a local single-node etcd for development) and ``demo`` (the demos of
   :mod:`etcdisco.demo`);
-- ``resolve`` (:mod:`._resolve`), ``agent`` (:mod:`._agent`) and ``xds``
-  (:mod:`._xds`), added to the group at the bottom;
+- ``resolve`` (:mod:`._resolve`), ``agent`` (:mod:`._agent`), ``xds``
+  (:mod:`._xds`) and ``serve`` (:mod:`._serve`), added to the group at the bottom;
 - :func:`main`, the console entry point.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import socket
 from pathlib import Path
@@ -24,14 +25,17 @@ import click
 from .. import __version__
 from .._address import normalize_address
 from .._async_client import AsyncClient
-from .._metadata import check_metadata, parse_metadata_text
+from .._metadata import check_metadata
 from .._model import Instance, encode_value, validate_instance_id, validate_service_name
+from .._operator import effective_instances
 from ..agent import ProbeServer, ReadyFile, describe
 from ..demo import run_demo
 from ..registry import Registration, RegistrationState, validate_ttl
 from ..testing import LocalEtcd, LocalEtcdError
+from ._admin import deregister_cmd, disable_cmd, enable_cmd, overrides_cmd, weight_cmd
 from ._agent import HealthOptions, ProbeOptions, agent_cmd, health_options, probe_options
 from ._common import (
+    INSTANCE_HEADER,
     GlobalOptions,
     command,
     errors,
@@ -39,14 +43,20 @@ from ._common import (
     fail,
     global_options,
     group_options,
-    instance_json,
+    instance_dict,
     instance_line,
+    instances_json,
+    metadata_options,
+    parse_meta,
     report_crash,
     run_until_signal,
     say,
+    write_lines,
 )
 from ._metrics import Listen, exposing_metrics, metrics_option
 from ._resolve import resolve_cmd
+from ._serve import serve_cmd
+from ._ui import ui_cmd
 from ._xds import xds_cmd
 
 
@@ -63,36 +73,6 @@ def cli(ctx: click.Context, /, **values: Any) -> None:
     list --json); given in both places, the one after the command wins.
     """
     group_options(ctx, values)
-
-
-def _parse_meta(texts: tuple[str, ...], jsons: tuple[str, ...]) -> dict[str, Any]:
-    """``--meta K=V`` (a string, except for the reserved keys whose type is not a
-    string: ``weight=5`` is the integer 5) and ``--meta-json K=JSON``."""
-    meta: dict[str, Any] = {}
-    for hint, items in (("--meta", texts), ("--meta-json", jsons)):
-        for item in items:
-            name, sep, raw = item.partition("=")
-            if not sep or not name:
-                raise click.BadParameter(f"{item!r} is not key=value", param_hint=hint)
-            if name in meta:
-                raise click.BadParameter(f"metadata key {name!r} given twice", param_hint=hint)
-            meta[name] = parse_metadata_text(name, raw) if hint == "--meta" else _json(item, raw)
-    return meta
-
-
-def _json(item: str, raw: str) -> Any:
-    def refuse(constant: str) -> Any:
-        raise ValueError(f"{constant} is not JSON")
-
-    try:
-        return json.loads(raw, parse_constant=refuse)
-    except ValueError as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-        raise click.BadParameter(
-            f"{item!r}: the value is not JSON ({reason}); a string is written "
-            f"with quotes ('K=\"text\"') or with --meta",
-            param_hint="--meta-json",
-        ) from None
 
 
 def _validate_registration(
@@ -112,19 +92,7 @@ def _validate_registration(
 @click.argument("service")
 @click.argument("address")
 @click.option("--id", "instance_id", help="Instance id (default: the address).")
-@click.option(
-    "--meta",
-    multiple=True,
-    metavar="K=V",
-    help="Metadata entry, a string (a reserved key takes its own type: weight=2 is a "
-    "number); repeatable.",
-)
-@click.option(
-    "--meta-json",
-    multiple=True,
-    metavar="K=JSON",
-    help='Metadata entry with a JSON value (true, 1.5, null, "text"); repeatable.',
-)
+@metadata_options
 @click.option(
     "--ttl", default=10, show_default=True, help="Lease TTL in seconds (2 to 9,000,000,000)."
 )
@@ -144,7 +112,7 @@ def register(
     metrics_listen: Listen | None,
 ) -> None:
     """Register SERVICE at ADDRESS and keep it alive until SIGINT/SIGTERM."""
-    metadata = _parse_meta(meta, meta_json)
+    metadata = parse_meta(meta, meta_json)
     with errors():
         _validate_registration(service, address, instance_id, metadata, ttl)
 
@@ -231,7 +199,11 @@ def list_(options: GlobalOptions, service: str | None) -> None:
 
     async def main(stop: asyncio.Event) -> list[Instance]:
         async with AsyncClient(settings=options.settings) as client:
-            return list(await client.list_instances(service))
+            # With the operators' overrides folded in, as every cache sees them.
+            found, note = await effective_instances(client, service)
+            if note:
+                click.echo(f"etcdisco: note: {note}", err=True)
+            return list(found)
 
     instances = run_until_signal(main)
     if not instances:
@@ -239,12 +211,9 @@ def list_(options: GlobalOptions, service: str | None) -> None:
         click.echo("no instances" + (f" of {service}" if service else ""), err=True)
         return
     if options.json:
-        for inst in instances:
-            click.echo(instance_json(inst))
-        return
-    click.echo(f"{'SERVICE':<20} {'ID':<28} {'ADDRESS':<24} METADATA")
-    for inst in instances:
-        click.echo(instance_line(inst))
+        write_lines(instances_json(instances))
+    else:
+        write_lines(itertools.chain([INSTANCE_HEADER], map(instance_line, instances)))
 
 
 @command("watch")
@@ -273,7 +242,7 @@ def watch(options: GlobalOptions, service: str | None, metrics_listen: Listen | 
                 for inst in existing:
                     if options.json:
                         click.echo(
-                            json.dumps({"event": "existing", **inst.to_dict()}, sort_keys=True)
+                            json.dumps({"event": "existing", **instance_dict(inst)}, sort_keys=True)
                         )
                     else:
                         click.echo(f"= {instance_line(inst)}")
@@ -369,14 +338,26 @@ def _port_free(port: int) -> bool:
 @click.option("--instances", default=3, show_default=True, type=click.IntRange(2, 9))
 @click.option("--ttl", default=3, show_default=True, type=click.IntRange(2, 30))
 @click.option("--grpc", "grpc_mode", is_flag=True, help="gRPC servers: rolling restart under load.")
-def demo(options: GlobalOptions, instances: int, ttl: int, grpc_mode: bool) -> None:
+@click.option(
+    "--http", "http_mode", is_flag=True, help="uvicorn servers: rolling restart under load."
+)
+def demo(
+    options: GlobalOptions, instances: int, ttl: int, grpc_mode: bool, http_mode: bool
+) -> None:
     """Register instances, follow them, crash one, stop one (local etcd if needed)."""
+    if grpc_mode and http_mode:
+        raise click.UsageError("give --grpc or --http, not both")
     run = run_demo
     if grpc_mode:
         # Needs the grpc extra (etcdisco.grpc): imported only when asked for.
         from ..demo._grpc import run_grpc_demo
 
         run = run_grpc_demo
+    elif http_mode:
+        # Needs the http extra (uvicorn, httpx): imported only when asked for.
+        from ..demo._http import run_http_demo
+
+        run = run_http_demo
 
     async def main(stop: asyncio.Event) -> None:
         # The demos reach etcd at the endpoints alone (plaintext, no user): as typed.
@@ -400,6 +381,13 @@ cli.add_command(demo)
 cli.add_command(resolve_cmd)
 cli.add_command(agent_cmd)
 cli.add_command(xds_cmd)
+cli.add_command(disable_cmd)
+cli.add_command(enable_cmd)
+cli.add_command(weight_cmd)
+cli.add_command(deregister_cmd)
+cli.add_command(overrides_cmd)
+cli.add_command(ui_cmd)
+cli.add_command(serve_cmd)
 
 
 def main() -> None:

@@ -10,6 +10,10 @@ the given endpoints if it answers, else a local one they start and stop themselv
 - ``grpc_server`` and ``grpc_xds_client``: the processes that demo starts,
   ``python -m etcdisco.demo.grpc_server`` (one server that registers and drains) and
   ``python -m etcdisco.demo.grpc_xds_client`` (a plain grpcio client on ``xds:///``).
+- ``_http``: ``run_http_demo``, ``etcdisco demo --http``: the same rolling restart
+  with uvicorn servers (``http_server``, each ``etcdisco.uvicorn.run``), GETs and
+  POSTs through ``etcdisco.http``. It needs the ``http`` extra, so it is not imported
+  here.
 """
 
 from ._registry import run_demo

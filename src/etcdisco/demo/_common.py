@@ -1,12 +1,20 @@
-"""What both demos share: the clock that stamps each line they print, and the etcd
-they run against (the one at the given endpoints if it answers, else a local one
-started for the demo and stopped after it)."""
+"""What the demos share: the clock that stamps each line they print, the etcd they run
+against (the one at the given endpoints if it answers, else a local one started for
+the demo and stopped after it), and for the rolling-restart demos (``--grpc``,
+``--http``) the tally of one caller's calls and the server processes they restart."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import signal
+import sys
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -47,3 +55,128 @@ def local_etcd_if_needed(endpoints: str, reachable: bool, clock: Clock) -> Itera
     finally:
         member.close()
         clock.say("local etcd stopped")
+
+
+STEP_TIMEOUT = 20.0  # for any one step (a start, a drain); a demo must never hang
+
+
+class Tally:
+    """Calls of one caller: answered per server, and failed."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.total: Counter[str] = Counter()
+        self.failed = 0
+        self.errors: list[str] = []
+        self._window: Counter[str] = Counter()
+        self._window_failed = 0
+        self._served: dict[str, asyncio.Event] = {}
+
+    @property
+    def calls(self) -> int:
+        return self.total.total() + self.failed
+
+    def answered(self, server: str) -> None:
+        self.total[server] += 1
+        self._window[server] += 1
+        self._served_event(server).set()
+
+    def failure(self, error: str) -> None:
+        self.failed += 1
+        self._window_failed += 1
+        if len(self.errors) < 5:
+            self.errors.append(error)
+
+    def _served_event(self, server: str) -> asyncio.Event:
+        return self._served.setdefault(server, asyncio.Event())
+
+    async def served_by(self, server: str) -> None:
+        await self._served_event(server).wait()
+
+    def take_window(self) -> str:
+        """Calls since the last take, as a line fragment."""
+        window, failed = self._window, self._window_failed
+        self._window, self._window_failed = Counter(), 0
+        spread = " ".join(f"{name}={n}" for name, n in sorted(window.items())) or "-"
+        return f"{self.label} {window.total() + failed:3d} calls [{spread}] {failed} failed"
+
+
+class ServerProcess:
+    """One server process of a demo (``python -m MODULE ARGS``), followed through the
+    JSON lines it prints: one once it is registered (``{"address": ...}``), one once it
+    has drained and stopped (``{"drained": {...}}``)."""
+
+    def __init__(self, name: str, proc: asyncio.subprocess.Process, log: Path) -> None:
+        self.name = name
+        self.proc = proc
+        self.log = log
+        self.address = ""
+
+    @classmethod
+    async def spawn(cls, module: str, args: Sequence[str], name: str, logs: Path) -> ServerProcess:
+        log = logs / f"{name}.log"
+        with log.open("wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                module,
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+            )
+        return cls(name, proc, log)
+
+    async def _line(self, what: str) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        try:
+            async with asyncio.timeout(STEP_TIMEOUT):
+                line = await self.proc.stdout.readline()
+        except TimeoutError:
+            raise click.ClickException(
+                f"{self.name}: no {what} within {STEP_TIMEOUT:.0f}s{tail(self.log)}"
+            ) from None
+        if not line:
+            code = await self.proc.wait()
+            raise click.ClickException(
+                f"{self.name} exited ({code}) before its {what}{tail(self.log)}"
+            )
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    async def ready(self) -> str:
+        """Wait until it listens and is registered; its advertised address."""
+        self.address = str((await self._line("ready line"))["address"])
+        return self.address
+
+    async def terminate(self) -> tuple[dict[str, Any], int]:
+        """SIGTERM, then its drain report and exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        report: dict[str, Any] = (await self._line("drain report"))["drained"]
+        async with asyncio.timeout(STEP_TIMEOUT):
+            code = await self.proc.wait()
+        return report, code
+
+    async def stop(self) -> None:
+        """Whatever state it is in: SIGTERM if it runs, SIGKILL if that hangs."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(STEP_TIMEOUT):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+def tail(log: Path, lines: int = 10) -> str:
+    try:
+        text = "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+    return f"\n--- {log.name} ---\n{text}" if text else ""
+
+
+def calls_text(n: int) -> str:
+    return f"{n} call" if n == 1 else f"{n} calls"

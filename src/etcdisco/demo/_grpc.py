@@ -17,11 +17,9 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import string
 import sys
 import tempfile
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,150 +31,40 @@ import grpc.aio
 from .._async_client import AsyncClient
 from .._model import ChangeEvent, EventType, Instance
 from ..grpc import AioBalancingChannel, aio_channel
-from ._common import Clock, local_etcd_if_needed, reachable
+from ._common import (
+    STEP_TIMEOUT,
+    Clock,
+    ServerProcess,
+    Tally,
+    calls_text,
+    local_etcd_if_needed,
+    reachable,
+    tail,
+)
 from .grpc_server import METHOD
 
 SERVICE = "demo-echo"
 PACE = 0.02  # seconds between two calls of one caller
 CHANNEL_CALLERS = 2
-STEP_TIMEOUT = 20.0  # for any one step (a start, a drain); a demo must never hang
 SHOW_STEADY = 2.0  # seconds of calls shown before and after the rolling restart
 
 
-class _Tally:
-    """Calls of one caller: answered per server, and failed."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.total: Counter[str] = Counter()
-        self.failed = 0
-        self.errors: list[str] = []
-        self._window: Counter[str] = Counter()
-        self._window_failed = 0
-        self._served: dict[str, asyncio.Event] = {}
-
-    @property
-    def calls(self) -> int:
-        return self.total.total() + self.failed
-
-    def answered(self, server: str) -> None:
-        self.total[server] += 1
-        self._window[server] += 1
-        self._served_event(server).set()
-
-    def failure(self, error: str) -> None:
-        self.failed += 1
-        self._window_failed += 1
-        if len(self.errors) < 5:
-            self.errors.append(error)
-
-    def _served_event(self, server: str) -> asyncio.Event:
-        return self._served.setdefault(server, asyncio.Event())
-
-    async def served_by(self, server: str) -> None:
-        await self._served_event(server).wait()
-
-    def take_window(self) -> str:
-        """Calls since the last take, as a line fragment."""
-        window, failed = self._window, self._window_failed
-        self._window, self._window_failed = Counter(), 0
-        spread = " ".join(f"{name}={n}" for name, n in sorted(window.items())) or "-"
-        return f"{self.label} {window.total() + failed:3d} calls [{spread}] {failed} failed"
-
-
-class _Server:
-    """One :mod:`.grpc_server` process, followed through its JSON lines."""
-
-    def __init__(self, name: str, proc: asyncio.subprocess.Process, log: Path) -> None:
-        self.name = name
-        self.proc = proc
-        self.log = log
-        self.address = ""
-
-    @classmethod
-    async def spawn(cls, endpoint: str, name: str, ttl: int, logs: Path) -> _Server:
-        log = logs / f"{name}.log"
-        with log.open("wb") as err:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "etcdisco.demo.grpc_server",
-                "--endpoints",
-                endpoint,
-                "--service",
-                SERVICE,
-                "--name",
-                name,
-                "--ttl",
-                str(ttl),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=err,
-            )
-        return cls(name, proc, log)
-
-    async def _line(self, what: str) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        try:
-            async with asyncio.timeout(STEP_TIMEOUT):
-                line = await self.proc.stdout.readline()
-        except TimeoutError:
-            raise click.ClickException(
-                f"{self.name}: no {what} within {STEP_TIMEOUT:.0f}s{_tail(self.log)}"
-            ) from None
-        if not line:
-            code = await self.proc.wait()
-            raise click.ClickException(
-                f"{self.name} exited ({code}) before its {what}{_tail(self.log)}"
-            )
-        result: dict[str, Any] = json.loads(line)
-        return result
-
-    async def ready(self) -> str:
-        """Wait until it listens and is registered; its advertised address."""
-        self.address = str((await self._line("ready line"))["address"])
-        return self.address
-
-    async def terminate(self) -> tuple[dict[str, Any], int]:
-        """SIGTERM, then its drain report and exit code."""
-        self.proc.send_signal(signal.SIGTERM)
-        report: dict[str, Any] = (await self._line("drain report"))["drained"]
-        async with asyncio.timeout(STEP_TIMEOUT):
-            code = await self.proc.wait()
-        return report, code
-
-    async def stop(self) -> None:
-        """Whatever state it is in: SIGTERM if it runs, SIGKILL if that hangs."""
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(STEP_TIMEOUT):
-                    await self.proc.wait()
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-
-
-def _tail(log: Path, lines: int = 10) -> str:
-    try:
-        text = "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-    return f"\n--- {log.name} ---\n{text}" if text else ""
+async def _spawn(endpoint: str, name: str, ttl: int, logs: Path) -> ServerProcess:
+    args = ["--endpoints", endpoint, "--service", SERVICE, "--name", name, "--ttl", str(ttl)]
+    return await ServerProcess.spawn("etcdisco.demo.grpc_server", args, name, logs)
 
 
 class _XdsCaller:
     """The :mod:`.grpc_xds_client` process and the task counting its calls."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, tally: _Tally, log: Path) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, tally: Tally, log: Path) -> None:
         self.proc = proc
         self.tally = tally
         self.log = log
         self._reader = asyncio.get_running_loop().create_task(self._read(), name="demo-xds-reader")
 
     @classmethod
-    async def start(cls, endpoint: str, tally: _Tally, logs: Path) -> _XdsCaller:
+    async def start(cls, endpoint: str, tally: Tally, logs: Path) -> _XdsCaller:
         log = logs / "xds-caller.log"
         # Our bootstrap goes to the child; one inherited from this shell would win.
         env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_XDS_BOOTSTRAP")}
@@ -230,8 +118,8 @@ class _Load:
     def __init__(self, clock: Clock, channel: AioBalancingChannel) -> None:
         self.clock = clock
         self.channel = channel
-        self.via_channel = _Tally("channel")
-        self.via_xds = _Tally("xds")
+        self.via_channel = Tally("channel")
+        self.via_xds = Tally("xds")
         self._tasks: list[asyncio.Task[None]] = []
         self._xds: _XdsCaller | None = None
 
@@ -268,7 +156,7 @@ class _Load:
                 async with asyncio.timeout(STEP_TIMEOUT):
                     await tally.served_by(name)
             except TimeoutError:
-                log = _tail(self._xds.log) if self._xds and tally is self.via_xds else ""
+                log = tail(self._xds.log) if self._xds and tally is self.via_xds else ""
                 raise click.ClickException(
                     f"no call through {tally.label} reached {name} within {STEP_TIMEOUT:.0f}s{log}"
                 ) from None
@@ -295,10 +183,6 @@ def _show_events(clock: Clock, events: list[ChangeEvent]) -> None:
             clock.say(f"registry: {name} removed")
         elif ev.previous is None or ev.previous.status is not ev.instance.status:
             clock.say(f"registry: {name} is {ev.instance.status.value}")
-
-
-def _calls(n: int) -> str:
-    return f"{n} call" if n == 1 else f"{n} calls"
 
 
 def _name(instance: Instance) -> str:
@@ -330,7 +214,7 @@ async def _rolling_restart(
     logs: Path,
     ttl: int,
     load: _Load,
-    servers: list[_Server],
+    servers: list[ServerProcess],
 ) -> None:
     olds = list(servers)
     for step, old in enumerate(olds, 1):
@@ -339,10 +223,10 @@ async def _rolling_restart(
         clock.say(
             f"{old.name} drained in {report['waited']:.2f}s "
             f"({'quiet' if report['quiet'] else 'drain timeout reached'}; "
-            f"{_calls(report['rpcs_while_draining'])} arrived after the drain began), "
+            f"{calls_text(report['rpcs_while_draining'])} arrived after the drain began), "
             f"deregistered, exited with code {code}"
         )
-        new = await _Server.spawn(endpoint, old.name.replace("v1-", "v2-"), ttl, logs)
+        new = await _spawn(endpoint, old.name.replace("v1-", "v2-"), ttl, logs)
         servers.append(new)
         clock.say(f"replacement {new.name} starting")
         await new.ready()
@@ -352,7 +236,7 @@ async def _rolling_restart(
 
 
 async def _run(
-    clock: Clock, endpoint: str, logs: Path, servers: list[_Server], count: int, ttl: int
+    clock: Clock, endpoint: str, logs: Path, servers: list[ServerProcess], count: int, ttl: int
 ) -> list[str]:
     async with AsyncClient(endpoint) as client, client.discover(SERVICE) as cache:
         await cache.wait_ready(10)
@@ -362,7 +246,7 @@ async def _run(
             f"registers once it listens and drains on SIGTERM (ttl {ttl}s)"
         )
         for letter in string.ascii_lowercase[:count]:
-            servers.append(await _Server.spawn(endpoint, f"v1-{letter}", ttl, logs))
+            servers.append(await _spawn(endpoint, f"v1-{letter}", ttl, logs))
         await asyncio.gather(*(s.ready() for s in servers))
         async with aio_channel(client, SERVICE) as channel:
             load = _Load(clock, channel)
@@ -397,7 +281,7 @@ async def run_grpc_demo(endpoints: str, instances: int = 3, ttl: int = 3) -> Non
         local_etcd_if_needed(endpoints, await reachable(endpoints), clock) as endpoint,
         tempfile.TemporaryDirectory(prefix="etcdisco-demo-") as logs,
     ):
-        servers: list[_Server] = []
+        servers: list[ServerProcess] = []
         try:
             problems = await _run(clock, endpoint, Path(logs), servers, instances, ttl)
         finally:

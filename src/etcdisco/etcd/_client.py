@@ -6,7 +6,8 @@ typed errors; policy (resume, re-grant, backoff) lives in the layers above.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -24,6 +25,7 @@ from ._keepalive import KeepAliveStream
 from ._proto import rpc_pb2
 from ._types import (
     DeleteResult,
+    KeyValue,
     LeaseGrant,
     LeaseInfo,
     MemberStatus,
@@ -88,6 +90,17 @@ class Op:
     @staticmethod
     def get(key: str | bytes) -> Any:
         return rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=_b(key)))
+
+
+# Keys per page of a prefix listing: a few MiB per response with registry-sized values,
+# far under gRPC's and etcd's limits, and few enough round trips at 100,000 keys.
+PAGE_SIZE = 5000
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    """Retrieve an abandoned task's outcome so asyncio does not log it as lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 class EtcdClient:
@@ -187,6 +200,60 @@ class EtcdClient:
             more=r.more,
             count=r.count,
         )
+
+    async def get_prefix_pages(
+        self, prefix: str | bytes, *, page: int = PAGE_SIZE, timeout: float | None = None
+    ) -> AsyncIterator[RangeResult]:
+        """Every key under ``prefix``, in pages of at most ``page`` keys, all read at the
+        first page's revision (as Kubernetes' reflector lists): no single response has
+        to fit gRPC's or etcd's message limits, the whole listing is one consistent
+        snapshot (a compaction past it in between raises CompactedError: list again),
+        and a reader that handles each page as it comes never holds the raw listing
+        whole. Every page's ``revision`` is the first page's."""
+        k = _b(prefix)
+        end = prefix_range_end(k)
+        first = await self.get(k, range_end=end, limit=page, timeout=timeout)
+
+        def after(result: RangeResult) -> asyncio.Task[RangeResult] | None:
+            # The next page is asked for before this one is handed over: etcd reads
+            # it while the caller decodes this one.
+            if not (result.more and result.kvs):
+                return None
+            return asyncio.ensure_future(
+                self.get(
+                    result.kvs[-1].key + b"\0",
+                    range_end=end,
+                    revision=first.revision,
+                    limit=page,
+                    timeout=timeout,
+                )
+            )
+
+        pending = after(first)
+        try:
+            yield first
+            while pending is not None:
+                nxt = await pending
+                pending = after(nxt)
+                yield RangeResult(
+                    kvs=nxt.kvs, revision=first.revision, more=nxt.more, count=nxt.count
+                )
+        finally:
+            if pending is not None:  # the caller stopped early: nobody wants the page
+                pending.cancel()
+                pending.add_done_callback(_consume)
+
+    async def get_prefix(
+        self, prefix: str | bytes, *, page: int = PAGE_SIZE, timeout: float | None = None
+    ) -> RangeResult:
+        """Every key under ``prefix`` in one result, read in pages at one revision
+        (see :meth:`get_prefix_pages`)."""
+        kvs: list[KeyValue] = []
+        revision = 0
+        async for part in self.get_prefix_pages(prefix, page=page, timeout=timeout):
+            kvs.extend(part.kvs)
+            revision = part.revision
+        return RangeResult(kvs=tuple(kvs), revision=revision, more=False, count=len(kvs))
 
     async def put(
         self,

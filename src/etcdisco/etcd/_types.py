@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc.aio
 
 
-@dataclass(frozen=True, slots=True)
-class KeyValue:
-    """One key as etcd holds it (``mvccpb.KeyValue``)."""
+class KeyValue(NamedTuple):
+    """One key as etcd holds it (``mvccpb.KeyValue``). A named tuple: a listing makes
+    one per key, and building a frozen dataclass costs several times more."""
 
     key: bytes
     value: bytes
@@ -143,10 +143,10 @@ EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009
 def kv_from_pb(pb: Any) -> KeyValue:
     """A protobuf ``mvccpb.KeyValue`` as a plain :class:`KeyValue`."""
     return KeyValue(
-        key=pb.key,
-        value=pb.value,
-        create_revision=pb.create_revision,
-        mod_revision=pb.mod_revision,
-        version=pb.version,
-        lease=pb.lease,
+        pb.key,
+        pb.value,
+        pb.create_revision,
+        pb.mod_revision,
+        pb.version,
+        pb.lease,
     )

@@ -23,6 +23,10 @@ from ._types import EOF, WatchBatch, WatchEvent, WatchEventType, kv_from_pb
 
 __all__ = ["Watch"]
 
+# Events converted between two yields to the event loop (a few ms of work).
+_CONVERT_SLICE = 1000
+_EVENT_TYPES = {t.value: t for t in WatchEventType}
+
 
 class Watch:
     """One watch stream on one key range.
@@ -142,15 +146,20 @@ class Watch:
         except BaseException as exc:
             self._fail(exc)
             raise
-        events = tuple(
-            WatchEvent(
-                type=WatchEventType(ev.type),
-                kv=kv_from_pb(ev.kv),
-                prev_kv=kv_from_pb(ev.prev_kv) if ev.HasField("prev_kv") else None,
+        events: list[WatchEvent] = []
+        for n, ev in enumerate(response.events, 1):
+            events.append(
+                WatchEvent(
+                    type=_EVENT_TYPES[ev.type],
+                    kv=kv_from_pb(ev.kv),
+                    prev_kv=kv_from_pb(ev.prev_kv) if ev.HasField("prev_kv") else None,
+                )
             )
-            for ev in response.events
-        )
-        return WatchBatch(events=events, header_revision=response.header.revision)
+            if not n % _CONVERT_SLICE:
+                # One response can carry a whole mass expiry (a revoked lease's keys,
+                # 20,000 of them): let the loop breathe while converting it.
+                await asyncio.sleep(0)
+        return WatchBatch(events=tuple(events), header_revision=response.header.revision)
 
     async def request_progress(self) -> None:
         """Ask etcd for a progress notification (an empty batch) on this stream."""

@@ -12,7 +12,7 @@ Client side: :func:`channel` / :func:`aio_channel` give a ``grpc.Channel`` /
 ``grpc.aio.Channel`` over every live instance of a service, for generated stubs.
 """
 
-from ._advertise import advertised_address, primary_ip
+from .._advertise import advertised_address, primary_ip
 from ._aio_channel import AioBalancingChannel, aio_channel
 from ._channel import BalancingChannel, NoInstanceError, channel
 from ._drain import DrainPolicy, DrainReport

@@ -2,15 +2,16 @@
 
 Both flavours make the same decisions and differ only in how they wait for a call (a
 thread blocks on it, a task awaits it). So the decisions live here, and nothing here
-waits:
+waits. The accounting and the retry structure are ``etcdisco._routing``'s, shared
+with the HTTP transports; this module adds what is gRPC's:
 
-- an :class:`Attempt` is one call on one sub-channel. It is counted in the pool (picker
-  ``started``, ``in_flight``, the pick and retry counters) from its placement until
-  ``end()`` (picker ``finished``, outlier detector, closing a retired sub-channel);
+- an :class:`Attempt` is one call on one sub-channel, with the real multicallable
+  that carries it; it is counted in the pool from its placement until ``end()``;
 - :meth:`MethodRouter._pinned` starts a call that stays on its instance (a stream, a
   future) and ends its attempt when the call finishes, on whatever thread reports it;
 - :class:`UnaryRetries` hands out the attempts of one unary call under the retry rule
-  of ``_options``; the flavour makes each attempt and tells it how the attempt failed.
+  of ``_options`` (a status code sorted into a routing ``Outcome``); the flavour makes
+  each attempt and tells it how the attempt failed.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import grpc
 
+from .. import _routing
 from .._model import Instance
-from ._options import unreachable
+from ._options import outcome_of, unreachable
 from ._pool import Pool, SubChannel
 
 if TYPE_CHECKING:
@@ -69,29 +71,21 @@ def call_options(
     }
 
 
-class Attempt(Generic[C]):
-    """One call placed on one sub-channel. ``end()`` exactly once, when the call has
-    ended; ``ok`` stays True unless the outcome says the instance is unreachable."""
+class Attempt(_routing.Attempt[C]):
+    """One call placed on one sub-channel. ``end()`` when the call has ended; ``ok``
+    stays True unless the outcome says the instance is unreachable."""
 
-    __slots__ = ("_pool", "_started", "instance", "multicallable", "ok", "sub", "timeout")
+    __slots__ = ("multicallable",)
 
     def __init__(
         self, pool: Pool[C], sub: SubChannel[C], instance: Instance, timeout: float | None
     ) -> None:
-        self._pool = pool
-        self._started = time.monotonic()
-        self.sub = sub
-        self.instance = instance
-        self.timeout = timeout
+        super().__init__(pool, sub, instance, timeout)
         self.multicallable: Any = None
-        self.ok = True
 
     def note(self, code: grpc.StatusCode | None) -> None:
         """The attempt ended with ``code`` (None: unknown)."""
         self.ok = not unreachable(code)
-
-    def end(self) -> None:
-        self._pool.release(self.sub, self.instance, time.monotonic() - self._started, self.ok)
 
 
 class MethodRouter(Generic[C]):
@@ -201,7 +195,7 @@ class PinnedUnaryStream(MethodRouter[C]):
         return self._pinned(request, lambda real: real(request, timeout=timeout, **options))
 
 
-class UnaryRetries(Generic[C]):
+class UnaryRetries(_routing.Retries[Attempt[C]]):
     """The attempts of one unary call. The flavour runs them in this loop, blocking
     on or awaiting each call::
 
@@ -216,34 +210,24 @@ class UnaryRetries(Generic[C]):
         raise retries.exhausted()
     """
 
-    __slots__ = ("_deadline", "_key", "_last", "_left", "_router", "_tried")
+    __slots__ = ("_router",)
 
     def __init__(self, router: MethodRouter[C], key: str | None, deadline: float | None) -> None:
+        super().__init__(
+            router._place,
+            key,
+            max_attempts=router._settings.max_attempts,
+            deadline=deadline,
+            no_instance=router._no_instance_error,
+        )
         self._router = router
-        self._key = key
-        self._deadline = deadline
-        self._left = router._settings.max_attempts
-        self._tried: frozenset[str] = frozenset()
-        self._last: BaseException | None = None
-
-    def next(self) -> Attempt[C] | None:
-        """The next attempt, with what is left of the deadline; None when the
-        attempts, the deadline or the untried instances are used up."""
-        if self._left <= 0:
-            return None
-        self._left -= 1
-        remaining = None if self._deadline is None else self._deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            return None
-        return self._router._place(self._key, self._tried, remaining)
 
     def retry_after(self, attempt: Attempt[C], error: BaseException) -> bool:
         """``attempt`` failed with ``error``: note the outcome for its instance, and
         say whether another instance may be tried (``_options``' retry rule)."""
         code, details = code_of(error), details_of(error)
-        attempt.note(code)
         router = self._router
-        if not router._settings.retryable(router._idempotent, code, details):
+        if not self.decide(attempt, error, outcome_of(code, details), router._idempotent):
             return False
         log.debug(
             "%s on %s: %s; trying another instance",
@@ -251,11 +235,4 @@ class UnaryRetries(Generic[C]):
             attempt.instance.address,
             details,
         )
-        self._last = error
-        self._tried |= {attempt.instance.key}
         return True
-
-    def exhausted(self) -> BaseException:
-        """What the call raises when :meth:`next` ran out: the last failure, else the
-        flavour's UNAVAILABLE for no instance at all."""
-        return self._last if self._last is not None else self._router._no_instance_error()

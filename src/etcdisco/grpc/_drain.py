@@ -1,4 +1,5 @@
-"""The drain policy both server flavours share: its settings, its checks, its steps.
+"""The drain both server flavours share: its checks and its log lines (the policy, the
+arrival counter and the wait's steps are transport-neutral: ``etcdisco._drain``).
 
 Both flavours (``serve_registered`` in ``_serve_sync`` for ``grpc.Server`` with
 :class:`etcdisco.Client`, ``aio_serve_registered`` in ``_serve_aio`` for
@@ -21,15 +22,19 @@ during the wait skips the rest of it.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from .._address import normalize_address
+from .._drain import (
+    STEP_TIMEOUT,
+    DrainPolicy,
+    DrainReport,
+    advertise,
+    quiet_step,
+    service_names,
+)
 from .._errors import ConfigError
 from .._signals import StopSignals, signal_name
-from ._advertise import advertised_address
-from ._server import Activity, ServerKit, kit_of
+from ._server import ServerKit, kit_of
 
 __all__ = [
     "STEP_TIMEOUT",
@@ -44,55 +49,6 @@ __all__ = [
 
 log = logging.getLogger("etcdisco.grpc")
 
-# Each etcd step of a drain (mark draining, deregister) per registration: a step that
-# cannot finish is skipped, since the lease expiring withdraws the instance anyway.
-STEP_TIMEOUT = 5.0
-
-
-@dataclass(frozen=True)
-class DrainPolicy:
-    """How a registered server drains; validated on creation."""
-
-    quiet_period: float = 1.0
-    drain_timeout: float = 10.0
-    grace: float = 5.0
-
-    def __post_init__(self) -> None:
-        for name in ("quiet_period", "drain_timeout", "grace"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or value < 0:
-                raise ConfigError(f"{name} must be a number >= 0, not {value!r}")
-
-
-@dataclass(frozen=True)
-class DrainReport:
-    """What a drain did: ``quiet`` is False when ``drain_timeout`` (or a second signal)
-    ended the wait while clients were still sending."""
-
-    quiet: bool
-    waited: float
-    rpcs_while_draining: int
-
-
-def _names(services: str | Sequence[str]) -> tuple[str, ...]:
-    names = (services,) if isinstance(services, str) else tuple(services)
-    if not names:
-        raise ConfigError("services is empty: name at least one service to register")
-    return names
-
-
-def _address(port: int | None, address: str | None, host: str | None) -> str:
-    if address is not None:
-        if host is not None:
-            raise ConfigError("give address or host, not both")
-        return normalize_address(address)
-    if port is None or isinstance(port, bool) or not isinstance(port, int) or port <= 0:
-        raise ConfigError(
-            f"port must be the port the server listens on (what add_insecure_port "
-            f"returned), not {port!r}; or give address"
-        )
-    return advertised_address(port, host)
-
 
 def prepare(
     server: object,
@@ -105,8 +61,8 @@ def prepare(
 ) -> tuple[tuple[str, ...], str, DrainPolicy, ServerKit]:
     """Both flavours' checks, made before anything starts; ``timings`` are the
     quiet period, drain timeout and grace."""
-    names = _names(services)
-    advertised = _address(port, address, host)
+    names = service_names(services)
+    advertised = advertise(port, address, host, "what add_insecure_port returned")
     policy = DrainPolicy(*timings)
     kit = kit_of(server)
     if handle_signals:
@@ -115,23 +71,6 @@ def prepare(
         except RuntimeError as exc:
             raise ConfigError(str(exc)) from None
     return names, advertised, policy, kit
-
-
-def quiet_step(
-    activity: Activity, policy: DrainPolicy, started: float, hurried: bool
-) -> bool | float:
-    """The next step of a drain's wait for quiet (the flavours sleep, a second signal
-    wakes them): True once no RPC has arrived for the quiet period, counted from the
-    drain's start too; False when ``drain_timeout`` or a second signal ends the wait
-    first; else the seconds to sleep before looking again."""
-    now = time.monotonic()
-    left = max(started, activity.last_arrival) + policy.quiet_period - now
-    if left <= 0:
-        return True
-    deadline = started + policy.drain_timeout
-    if now >= deadline or hurried:
-        return False
-    return min(left, deadline - now)
 
 
 def drained(address: str, quiet: bool, waited: float, rpcs: int) -> DrainReport:

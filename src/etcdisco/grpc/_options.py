@@ -11,6 +11,10 @@ instance it started on and never replayed):
 
 Outlier detection hears only about failures that say the instance is unreachable
 (UNAVAILABLE); an application error from a healthy server is a success for it.
+
+In the terms of ``etcdisco._routing`` (the rule's structure, shared with HTTP): a call
+that never left is ``NOT_SENT``, any other UNAVAILABLE is ``FAILED``, every other
+outcome is ``DONE``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 import grpc
 
 from .._errors import ConfigError
+from .._routing import Outcome, may_retry
 from ..outlier import OutlierDetector
 
 # grpc-core's status detail when the call found no connection to send it on.
@@ -37,6 +42,13 @@ def never_sent(details: str | None) -> bool:
 def unreachable(code: grpc.StatusCode | None) -> bool:
     """Does this outcome count against the instance (outlier detection, pickers)?"""
     return code is grpc.StatusCode.UNAVAILABLE
+
+
+def outcome_of(code: grpc.StatusCode | None, details: str | None) -> Outcome:
+    """A call's status, sorted for the routing rule."""
+    if code is not grpc.StatusCode.UNAVAILABLE:
+        return Outcome.DONE
+    return Outcome.NOT_SENT if never_sent(details) else Outcome.FAILED
 
 
 @dataclass(frozen=True)
@@ -75,9 +87,7 @@ class ChannelSettings:
     def retryable(
         self, method_idempotent: bool, code: grpc.StatusCode | None, details: Any
     ) -> bool:
-        if code is not grpc.StatusCode.UNAVAILABLE:
-            return False
-        return method_idempotent or never_sent(details)
+        return may_retry(outcome_of(code, details), method_idempotent)
 
 
 def settings(

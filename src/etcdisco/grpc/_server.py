@@ -14,8 +14,6 @@ Build the server here, add servicers and ports, then hand it to
 
 from __future__ import annotations
 
-import threading
-import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent import futures
@@ -25,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
+from .._drain import Activity
 from .._errors import ConfigError
 
 try:
@@ -48,21 +47,6 @@ else:
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 SERVING: Any = _health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING: Any = _health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-class Activity:
-    """When RPCs (other than health checks) arrive. Thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.arrivals = 0
-        self.last_arrival = float("-inf")
-
-    def touch(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self.arrivals += 1
-            self.last_arrival = now
 
 
 class _SyncActivityInterceptor(_SyncInterceptorBase):

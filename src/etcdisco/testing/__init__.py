@@ -8,7 +8,7 @@ in the client library uses this package, and it needs nothing but the standard l
 (and the ``openssl`` command for `make_test_certs`).
 
     from etcdisco import Client
-    from etcdisco.testing import LocalEtcd, LocalEtcdCluster, make_test_certs
+    from etcdisco.testing import LocalEtcd, LocalEtcdCluster, LocalEtcdProxy, make_test_certs
 
     with LocalEtcd() as etcd, Client(etcd.endpoint) as client:  # "127.0.0.1:PORT"
         etcd.etcdctl("put", "k", "v")               # etcdctl, flags filled in
@@ -23,6 +23,11 @@ in the client library uses this package, and it needs nothing but the standard l
         with cluster.partitioned(cluster.wait_for_leader()) as cut_off:
             ...                                     # the other two elect a new leader;
                                                     # cut_off's clients still reach it
+    with LocalEtcd() as etcd, LocalEtcdProxy(etcd) as proxy:
+        with Client(proxy.endpoint) as client:      # through etcd's grpc-proxy
+            ...
+        proxy.restart()                             # same port; or kill(), stop()
+
     tls = make_test_certs(tmp_path)                 # CA, server and client certs
     with LocalEtcd(tls=tls, client_cert_auth=True) as etcd:
         with Client(etcd.endpoint, cacert=str(tls.ca),
@@ -48,6 +53,7 @@ from ._binaries import default_etcd_binary, etcd_version, etcdctl_for, find_etcd
 from ._certs import Credentials, TlsFiles, make_test_certs
 from ._cluster import LocalEtcdCluster
 from ._errors import EtcdctlError, EtcdStartError, LocalEtcdError
+from ._grpc_proxy import LocalEtcdProxy
 from ._member import DEFAULT_ELECTION_TIMEOUT_MS, DEFAULT_HEARTBEAT_INTERVAL_MS, LocalEtcd
 from ._process import die_with_parent
 
@@ -60,6 +66,7 @@ __all__ = [
     "LocalEtcd",
     "LocalEtcdCluster",
     "LocalEtcdError",
+    "LocalEtcdProxy",
     "TlsFiles",
     "default_etcd_binary",
     "die_with_parent",

@@ -181,7 +181,11 @@ class AdsStream:
             else:
                 self._stats.acks += 1
         changed = state.subscribe(type_url, list(request.resource_names))
-        await self._respond(type_url, force=changed or state.sent is None)
+        if changed or state.sent is None:
+            await self._respond(type_url, force=True)
+        # Otherwise an ACK or NACK of the current subscription: nothing to answer. A
+        # content change since the last response has its own marker in the inbox, so
+        # not comparing the view here costs a 500-stream fan-out nothing per ACK.
 
     async def _respond(self, type_url: str, *, force: bool) -> None:
         state = self._types.get(type_url)
@@ -198,14 +202,18 @@ class AdsStream:
         state.version += 1
         state.nonce = str(next(self._nonces))
         state.sent = view
-        response = p.discovery_pb2.DiscoveryResponse(
-            version_info=str(state.version),
-            type_url=type_url,
-            nonce=state.nonce,
-            resources=[body for _, _, body in chosen],
-        )
+        # The resources are encoded once per distinct content and shared by every stream
+        # that sends it; this stream's version and nonce follow as fields of their own
+        # (a message's fields may come in any order: the bytes parse as one response).
+        envelope = p.discovery_pb2.DiscoveryResponse(
+            version_info=str(state.version), nonce=state.nonce
+        ).SerializeToString()
+        response = self._store.encoded(type_url, chosen) + envelope
         self._stats.responses += 1
-        log.debug("-> %s %s v%d %s", self.node, p.TYPE_NAMES[type_url], state.version, sorted(view))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "-> %s %s v%d %s", self.node, p.TYPE_NAMES[type_url], state.version, sorted(view)
+            )
         await self._context.write(response)
 
     def _view(self, type_url: str, state: _TypeState) -> list[tuple[str, int, any_pb2.Any]]:

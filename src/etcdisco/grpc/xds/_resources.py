@@ -179,8 +179,14 @@ def endpoint_specs(
     return sorted(spec for _, spec in best.values()), problems
 
 
-_STATUS_RANK = {Status.UP: 2, Status.DRAINING: 1, Status.UNHEALTHY: 0}
-_HEALTH = {Status.UP: "HEALTHY", Status.DRAINING: "DRAINING", Status.UNHEALTHY: "UNHEALTHY"}
+_STATUS_RANK = {Status.UP: 2, Status.DRAINING: 1, Status.DISABLED: 1, Status.UNHEALTHY: 0}
+# An operator's disable reads as DRAINING: gRPC stops sending new calls at once.
+_HEALTH = {
+    Status.UP: "HEALTHY",
+    Status.DRAINING: "DRAINING",
+    Status.DISABLED: "DRAINING",
+    Status.UNHEALTHY: "UNHEALTHY",
+}
 
 
 def _is_ip(host: str) -> bool:

@@ -195,7 +195,9 @@ class XdsServer:
         handler = grpc.stream_stream_rpc_method_handler(
             self._handle,
             request_deserializer=p.discovery_pb2.DiscoveryRequest.FromString,
-            response_serializer=p.discovery_pb2.DiscoveryResponse.SerializeToString,
+            # AdsStream writes DiscoveryResponse bytes (the resources encoded once per
+            # change for every stream): no serializer.
+            response_serializer=None,
         )
         server.add_generic_rpc_handlers(
             [

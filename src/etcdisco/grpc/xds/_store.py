@@ -9,7 +9,7 @@ nothing.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,10 @@ from google.protobuf import any_pb2
 from . import _protos as p
 
 TYPES = (p.LISTENER, p.ROUTE, p.CLUSTER, p.ENDPOINT)
+
+# Encoded responses kept at most: one per distinct subscription between two changes;
+# past this (many clients, each asking for different services) the cache starts over.
+_ENCODED_MAX = 4096
 
 ChangeListener = Callable[[frozenset[str]], None]
 
@@ -41,6 +45,9 @@ class ResourceStore:
         self._by_type: dict[str, dict[str, Resource]] = {t: {} for t in TYPES}
         self._revisions = itertools.count(1)
         self._listeners: list[ChangeListener] = []
+        # (type URL, ((name, revision), ...)) -> the DiscoveryResponse fields carrying
+        # those resources, encoded; emptied whenever a resource changes.
+        self._encoded: dict[tuple[str, tuple[tuple[str, int], ...]], bytes] = {}
         self.ready = False
 
     def add_listener(self, listener: ChangeListener) -> None:
@@ -74,9 +81,26 @@ class ResourceStore:
             table[name] = Resource(name, next(self._revisions), body)
             changed.add(type_url)
         result = frozenset(changed)
+        if result:
+            self._encoded.clear()
         if result and self.ready:
             self._announce(result)
         return result
+
+    def encoded(self, type_url: str, chosen: Sequence[tuple[str, int, any_pb2.Any]]) -> bytes:
+        """The ``type_url`` and ``resources`` fields of a DiscoveryResponse carrying
+        ``chosen`` ((name, revision, body) each), serialized once for every stream that
+        sends the same resources (a fan-out to 500 streams encodes them once)."""
+        key = (type_url, tuple((name, revision) for name, revision, _ in chosen))
+        data = self._encoded.get(key)
+        if data is None:
+            if len(self._encoded) >= _ENCODED_MAX:
+                self._encoded.clear()
+            data = p.discovery_pb2.DiscoveryResponse(
+                type_url=type_url, resources=[body for _, _, body in chosen]
+            ).SerializeToString()
+            self._encoded[key] = data
+        return data
 
     def mark_ready(self) -> None:
         """The registry has been read: every stream may now answer."""
