@@ -74,10 +74,13 @@ async def running_dashboard(
 
 
 async def open_page(browser: Any, url: str) -> Any:
-    """A new page on the dashboard, once it shows the synced registry."""
+    """A new page on the dashboard, once it shows the synced registry and its live
+    feed is open (the first rows are drawn before the feed connects, under a
+    "connecting" banner)."""
     page = await browser.new_page(viewport={"width": 1400, "height": 900})
     await page.goto(url)
     await page.wait_for_selector('body[data-state="synced"][data-rendered-at]', timeout=15_000)
+    await page.wait_for_selector("#banner[hidden]", state="attached", timeout=15_000)
     return page
 
 
