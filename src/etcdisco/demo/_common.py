@@ -12,9 +12,9 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import click
 
@@ -180,3 +180,40 @@ def tail(log: Path, lines: int = 10) -> str:
 
 def calls_text(n: int) -> str:
     return f"{n} call" if n == 1 else f"{n} calls"
+
+
+class Load(Protocol):
+    """A demo's client load: tells when a given server has taken its share."""
+
+    async def served_by(self, name: str) -> None: ...
+
+
+async def rolling_restart(
+    clock: Clock,
+    servers: list[ServerProcess],
+    spawn: Callable[[str], Awaitable[ServerProcess]],
+    load: Load,
+    *,
+    count: Callable[[int], str],
+    after_drain: str,
+    taking: str,
+) -> None:
+    """Replace each server in turn: SIGTERM (it drains), then a successor named
+    ``v2-...`` that must take ``load`` before the next one goes."""
+    olds = list(servers)
+    for step, old in enumerate(olds, 1):
+        clock.say(f"rolling restart {step}/{len(olds)}: SIGTERM to {old.name} ({old.address})")
+        report, code = await old.terminate()
+        clock.say(
+            f"{old.name} drained in {report['waited']:.2f}s "
+            f"({'quiet' if report['quiet'] else 'drain timeout reached'}; "
+            f"{count(report['rpcs_while_draining'])} arrived after the drain began), "
+            f"{after_drain}, exited with code {code}"
+        )
+        new = await spawn(old.name.replace("v1-", "v2-"))
+        servers.append(new)
+        clock.say(f"replacement {new.name} starting")
+        await new.ready()
+        clock.say(f"{new.name} listening at {new.address} and registered")
+        await load.served_by(new.name)
+        clock.say(f"{new.name} {taking}")

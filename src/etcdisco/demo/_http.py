@@ -36,6 +36,7 @@ from ._common import (
     Tally,
     local_etcd_if_needed,
     reachable,
+    rolling_restart,
 )
 
 SERVICE = "hello"
@@ -141,28 +142,6 @@ def _summary(clock: Clock, load: _Load) -> list[str]:
     return problems
 
 
-async def _rolling_restart(
-    clock: Clock, endpoint: str, logs: Path, ttl: int, load: _Load, servers: list[ServerProcess]
-) -> None:
-    olds = list(servers)
-    for step, old in enumerate(olds, 1):
-        clock.say(f"rolling restart {step}/{len(olds)}: SIGTERM to {old.name} ({old.address})")
-        report, code = await old.terminate()
-        clock.say(
-            f"{old.name} drained in {report['waited']:.2f}s "
-            f"({'quiet' if report['quiet'] else 'drain timeout reached'}; "
-            f"{_requests(report['rpcs_while_draining'])} arrived after the drain began), "
-            f"stopped listening, deregistered, exited with code {code}"
-        )
-        new = await _spawn(endpoint, old.name.replace("v1-", "v2-"), ttl, logs)
-        servers.append(new)
-        clock.say(f"replacement {new.name} starting")
-        await new.ready()
-        clock.say(f"{new.name} listening at {new.address} and registered")
-        await load.served_by(new.name)
-        clock.say(f"{new.name} is taking GETs and POSTs")
-
-
 async def _run(
     clock: Clock, endpoint: str, logs: Path, servers: list[ServerProcess], count: int, ttl: int
 ) -> list[str]:
@@ -190,7 +169,15 @@ async def _run(
                     await load.served_by(server.name)
                 clock.say("both callers reach every server; a line a second shows the spread")
                 await asyncio.sleep(SHOW_STEADY)
-                await _rolling_restart(clock, endpoint, logs, ttl, load, servers)
+                await rolling_restart(
+                    clock,
+                    servers,
+                    lambda name: _spawn(endpoint, name, ttl, logs),
+                    load,
+                    count=_requests,
+                    after_drain="stopped listening, deregistered",
+                    taking="is taking GETs and POSTs",
+                )
                 clock.say("rolling restart done; the requests go on")
                 await asyncio.sleep(SHOW_STEADY)
             finally:
