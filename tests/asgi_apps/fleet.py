@@ -26,7 +26,7 @@ import string
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import requests
 import etcdisco
 import etcdisco.http
 from etcdisco import ChangeEvent, EventType, Status
+from etcdisco.http import _caches
 
 from ..integration._cli_process import CliProcess
 
@@ -84,6 +85,11 @@ class Registry:
             self.counts[(name, what)] += 1
             self.times.setdefault((name, what), now)
             self._event(name, what).set()
+
+    @property
+    def draining(self) -> dict[str, float]:
+        """When each instance was first seen draining."""
+        return {name: t for (name, what), t in self.times.items() if what == "draining"}
 
     async def wait(self, name: str, what: str, timeout: float = STEP) -> float:
         """When ``name`` was first seen ``what`` (added, draining, removed)."""
@@ -348,16 +354,44 @@ def names(count: int) -> list[str]:
     return [f"v1-{letter}" for letter in string.ascii_lowercase[:count]]
 
 
-def posts_after_draining(load: Load, registry: Registry) -> list[Record]:
-    """POSTs started after the client's registry showed the instance that answered
-    them draining: the picker must never send one there."""
+def posts_after_draining(load: Load, draining: Mapping[str, float]) -> list[Record]:
+    """POSTs started after the client that sent them showed the instance that answered
+    them draining (``draining``: name -> when first seen so, in ``time.monotonic()``):
+    the picker must never send one there."""
     found = []
     for r in load.records:
         if r.method == "POST" and r.name is not None:
-            seen = registry.times.get((r.name, "draining"))
+            seen = draining.get(r.name)
             if seen is not None and r.started > seen:
                 found.append(r)
     return found
+
+
+class SessionView:
+    """When the cache under a sync client's HTTP routes (``etcdisco.http.Session``)
+    first showed each instance draining.
+
+    A sync client has its own watch, so its view may lag another client's by the
+    time a change takes to reach both. Follow the routes' own cache, once the routes
+    exist: the callback thread runs callbacks in order, so each time is recorded
+    after the routes have applied the same change."""
+
+    def __init__(self, client: etcdisco.Client, service: str) -> None:
+        self._client = client
+        self._service = service
+        self.draining: dict[str, float] = {}
+        self._cache = _caches.acquire_sync(client, service)
+        self._cache.follow(self._on_snapshot)
+
+    def _on_snapshot(self, instances: tuple[etcdisco.Instance, ...]) -> None:
+        now = time.monotonic()
+        for inst in instances:
+            if inst.status is Status.DRAINING:
+                self.draining.setdefault(str(inst.metadata.get("name", inst.id)), now)
+
+    def close(self) -> None:
+        self._cache.remove_listener(self._on_snapshot)
+        _caches.release_sync(self._client, self._service)
 
 
 @contextlib.asynccontextmanager

@@ -34,6 +34,7 @@ from ..asgi_apps.fleet import (
     Fleet,
     Load,
     Registry,
+    SessionView,
     descendants,
     free_port,
     http_client,
@@ -98,7 +99,7 @@ async def test_rolling_restart_drain_first_fails_no_request(etcd) -> None:
     posts = [r for r in load.records if r.method == "POST" and r.name]
     assert len(posts) > 100, len(posts)
     # No POST went to an instance after the client saw it draining...
-    late = posts_after_draining(load, registry)
+    late = posts_after_draining(load, registry.draining)
     assert not late, [(r.name, r.state_at_arrival) for r in late[:5]]
     # ...and every old server drained (quiet), deregistered and exited 0.
     for old in restart.stopped:
@@ -163,7 +164,12 @@ async def test_rolling_restart_drain_first_through_requests_fails_no_request(etc
                 try:
                     for server in servers:
                         await load.served_by(server.name)
-                    restart = await rolling_restart(fleet, load, servers)
+                    # The session's routes exist now: its view is recorded after theirs.
+                    view = SessionView(sync_registry, SERVICE)
+                    try:
+                        restart = await rolling_restart(fleet, load, servers)
+                    finally:
+                        view.close()
                 finally:
                     await load.stop()
         finally:
@@ -173,7 +179,9 @@ async def test_rolling_restart_drain_first_through_requests_fails_no_request(etc
     assert not failures, [f"{r.method} {r.error}" for r in failures[:5]]
     posts = [r for r in load.records if r.method == "POST" and r.name]
     assert len(posts) > 50, len(posts)
-    late = posts_after_draining(load, registry)
+    # Judged by the session's own view: the test's async client has another watch.
+    assert set(view.draining) == {s.name for s in servers}, view.draining
+    late = posts_after_draining(load, view.draining)
     assert not late, [(r.name, r.state_at_arrival) for r in late[:5]]
     for old in restart.stopped:
         assert old.exit_code == 0, old.proc.said()

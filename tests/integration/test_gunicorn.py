@@ -181,7 +181,7 @@ async def test_rolling_restart_of_gunicorn_servers_fails_no_request(etcd) -> Non
     assert not failures, [f"{r.method} {r.error}" for r in failures[:5]]
     posts = [r for r in load.records if r.method == "POST" and r.name]
     assert len(posts) > 100, len(posts)
-    late = posts_after_draining(load, registry)
+    late = posts_after_draining(load, registry.draining)
     assert not late, [(r.name, r.state_at_arrival) for r in late[:5]]
     for old in restart.stopped:
         assert old.exit_code == 0, old.proc.said()
