@@ -225,7 +225,8 @@ async def test_sigkill_of_a_uvicorn_instance_under_idempotent_load_fails_no_requ
     failures = load.failures()
     assert not failures, [f"{r.method} {r.error}" for r in failures[:5]]
     # The load went on all through the window where the dead instance was registered.
-    assert removed_at - killed_at > 100, (killed_at, removed_at)
+    # (A count, not a rate: a loaded machine sends fewer in the TTL's 5 s.)
+    assert removed_at - killed_at > 20, (killed_at, removed_at)
     assert retries > 0, "no request met the killed instance"
     assert registry.counts[(victim.name, "draining")] == 0
     print(
@@ -245,7 +246,7 @@ async def _start(mode: str, endpoint: str, port: int, name: str, env: dict[str, 
         return await CliProcess.start(
             "serve", SERVICE, "--app", "tests.asgi_apps.app:app", "--app-dir", str(ROOT),
             "--port", str(port), "--json", "--endpoints", endpoint, "--meta", f"name={name}",
-            "--quiet-period", "1", "--health-path", "/healthz",
+            "--quiet-period", "3", "--health-path", "/healthz",
             *(["--check", f"http://127.0.0.1:{port}/", "--check-interval", "0.5"]
               if env.get("APP_CHECK") == "1" else []),
             env={"APP_NAME": name, **env},
@@ -256,7 +257,7 @@ async def _start(mode: str, endpoint: str, port: int, name: str, env: dict[str, 
     script = (
         "import logging; logging.basicConfig(level=logging.INFO); "
         "import etcdisco.uvicorn; etcdisco.uvicorn.run('tests.asgi_apps.app:app', "
-        f"port={port}, quiet_period=1.0, health_path='/healthz')"
+        f"port={port}, quiet_period=3.0, health_path='/healthz')"
     )
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", script,

@@ -12,6 +12,7 @@ import sys
 from etcdisco import AsyncClient, EventType
 
 from .._util import wait_event
+from ._cli_process import CliProcess
 
 
 def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -45,14 +46,16 @@ async def test_register_list_watch(etcd) -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
-        watcher = subprocess.Popen(
-            [sys.executable, "-m", "etcdisco", "--endpoints", ep, "--json", "watch", "echo"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        watcher = await CliProcess.start("--endpoints", ep, "--json", "watch", "echo")
         try:
             await wait_event(events, EventType.ADDED, "services/echo/127.0.0.1:7001", 15)
+            # Another process, another watch: it reports the instance in its own time,
+            # as listed (existing) or as a change (added).
+            await watcher.wait_for(
+                lambda: watcher.json_events("existing") or watcher.json_events("added"),
+                30,
+                "the watcher showing the instance",
+            )
 
             listed = await asyncio.to_thread(run, "--endpoints", ep, "--json", "list", "echo")
             assert listed.returncode == 0, listed.stderr
@@ -75,15 +78,13 @@ async def test_register_list_watch(etcd) -> None:
                 reg.stdout.read() if reg.stdout else ""
             )
             await wait_event(events, EventType.REMOVED, "services/echo/127.0.0.1:7001", 5)
-            watcher.send_signal(signal.SIGINT)
-            out, _ = await asyncio.to_thread(watcher.communicate, timeout=10)
-            kinds = [json.loads(line)["event"] for line in out.splitlines()]
-            assert "removed" in kinds, out
-            assert watcher.returncode == 0
+            removed = await watcher.event("removed", 30)
+            assert removed["id"] == "127.0.0.1:7001", removed
+            assert await watcher.stop(signal.SIGINT) == 0, watcher.said()
         finally:
-            for p in (reg, watcher):
-                p.kill()
-                p.wait()
+            reg.kill()
+            reg.wait()
+            await watcher.kill()
 
 
 def test_unreachable_etcd_is_one_clear_line() -> None:

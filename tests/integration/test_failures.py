@@ -35,7 +35,7 @@ def _spawn_register(endpoint: str, address: str, ttl: int) -> subprocess.Popen[s
 
 
 async def test_crashed_instance_vanishes_after_its_ttl(etcd) -> None:
-    ttl = 2
+    ttl = 4
     async with AsyncClient(etcd.endpoint) as client, client.discover("echo") as cache:
         await cache.wait_ready(5)
         events = cache.events()
@@ -50,7 +50,9 @@ async def test_crashed_instance_vanishes_after_its_ttl(etcd) -> None:
             proc.kill()
             proc.wait()
         # Removal comes from lease expiry: never before the remaining TTL could run out.
-        assert gone_after > 0.5, f"removed {gone_after:.2f}s after SIGKILL: too early for a TTL"
+        # (Its last keepalive was at most about ttl/3 before the kill, later only on a
+    # starved machine.)
+    assert gone_after > 1.0, f"removed {gone_after:.2f}s after SIGKILL: too early for a TTL"
 
 
 async def test_sigterm_deregisters_at_once_and_exits_zero(etcd) -> None:
@@ -62,8 +64,8 @@ async def test_sigterm_deregisters_at_once_and_exits_zero(etcd) -> None:
             await wait_event(events, EventType.ADDED, "services/echo/127.0.0.1:9101", 15)
             stopped = time.monotonic()
             proc.send_signal(signal.SIGTERM)
-            await wait_event(events, EventType.REMOVED, "services/echo/127.0.0.1:9101", 5)
-            assert time.monotonic() - stopped < 5  # far below the 30 s TTL
+            await wait_event(events, EventType.REMOVED, "services/echo/127.0.0.1:9101", 15)
+            assert time.monotonic() - stopped < 15  # far below the 30 s TTL
             assert await asyncio.to_thread(proc.wait, 10) == 0
         finally:
             proc.kill()

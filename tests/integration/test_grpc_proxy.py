@@ -167,10 +167,11 @@ async def test_one_keepalive_through_the_proxy_extends_a_lease_twice(
         f"etcd {etcd.version}, TTL {ttl}s, one keepalive -> lease expired",
         f"direct {gone['direct']:.2f}s, through the proxy {gone['proxy']:.2f}s",
     )
-    assert ttl - 0.5 < gone["direct"] < ttl + 1.5, gone
+    # Upper bounds with room for a loaded machine (the figures above are the report).
+    assert ttl - 0.5 < gone["direct"] < ttl + 5.0, gone
     # The documented limit: through the proxy the lease outlives its TTL.
     assert gone["proxy"] > ttl + 1.0, f"the proxy did not extend the lease: {gone}"
-    assert gone["proxy"] < 2 * ttl + 2.0, gone
+    assert gone["proxy"] < 2 * ttl + 5.0, gone
 
 
 # -- watching ------------------------------------------------------------------------
@@ -232,7 +233,13 @@ async def test_client_resumes_after_a_proxy_restart(
         await eventually(
             lambda: mine.state is RegistrationState.REGISTERED, 10, "registration not back"
         )
-        assert {i.key for i in cache.instances()} == {mine.key, new.key}
+        # The registration and the cache learn over two streams: if the lease was
+        # replaced, the put's answer may come before the watch's event.
+        await eventually(
+            lambda: {i.key for i in cache.instances()} == {mine.key, new.key},
+            10,
+            "cache does not hold the registration and the new instance",
+        )
         got = await direct.etcd.get(mine.key)
         assert got.kvs, "the registration made through the proxy was lost"
         report(

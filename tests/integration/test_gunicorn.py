@@ -108,7 +108,7 @@ async def test_two_workers_leave_one_key_and_deregister_it_once(etcd) -> None:
         proc = await start_gunicorn(
             etcd.endpoint, port, workers=2, config="python:etcdisco.gunicorn.conf",
             env={"ETCDISCO_SERVICES": SERVICE, "ETCDISCO_HEALTH_PATH": "/healthz",
-                 "ETCDISCO_QUIET_PERIOD": "1", "APP_NAME": "w"},
+                 "ETCDISCO_QUIET_PERIOD": "3", "APP_NAME": "w"},
         )  # fmt: skip
         try:
             await registry.wait(address, "added")

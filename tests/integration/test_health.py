@@ -238,7 +238,8 @@ async def test_command_check_follows_the_exit_code(tmp_path: Path) -> None:
     script = (
         f"import sys; code = open({str(flag)!r}).read(); print('state', code); sys.exit(int(code))"
     )
-    check = CommandCheck((sys.executable, "-c", script), **FAST)
+    # A Python start-up may take over a second on a loaded machine.
+    check = CommandCheck((sys.executable, "-c", script), **{**FAST, "timeout": 10.0})
     assert (await run_probe(check)).result is CheckResult.PASSING
     flag.write_text("2")
     outcome = await run_probe(check)
@@ -251,7 +252,7 @@ async def test_command_check_kills_a_command_past_its_timeout(tmp_path: Path) ->
     pidfile = tmp_path / "pid"
     # A shell whose child outlives it would keep running if only the shell were killed.
     script = f"sleep 30 & echo $! > {pidfile}; wait"
-    outcome = await run_probe(CommandCheck(("sh", "-c", script), timeout=0.5))
+    outcome = await run_probe(CommandCheck(("sh", "-c", script), timeout=2.0))
     assert outcome.result is CheckResult.FAILING and "no answer" in outcome.detail
     child = int(pidfile.read_text())
 

@@ -93,9 +93,9 @@ def test_stop_while_paused(etcd: LocalEtcd) -> None:
     assert pid is not None
     etcd.pause()
     began = time.monotonic()
-    etcd.stop(timeout=5)
-    # SIGCONT follows SIGTERM, so a graceful exit, not the SIGKILL after 5 s.
-    assert time.monotonic() - began < 4
+    etcd.stop(timeout=30)
+    # SIGCONT follows SIGTERM, so a graceful exit, not the SIGKILL after 30 s.
+    assert time.monotonic() - began < 20
     assert _process_gone(pid)
 
 
@@ -189,7 +189,7 @@ def test_cluster_leader_killed_new_leader_then_rejoin(etcd_cluster: LocalEtcdClu
     new.etcdctl("put", "during", "2")
 
     old.restart()
-    assert old.is_healthy()
+    old.wait_healthy(15)
     # The old member caught up with what was written while it was down: a
     # serializable read answers from its own store, not via the leader.
     value = old.etcdctl("get", "during", "--consistency=s", "--print-value-only")

@@ -25,7 +25,7 @@ def test_readme_example_runs(etcd, index: int) -> None:
         [sys.executable, "-c", BLOCKS[index]], env=env, capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 0, f"README example {index} failed:\n{res.stderr}"
-    assert "127.0.0.1:5005" in res.stdout, res.stdout
+    assert "127.0.0.1:" in res.stdout, res.stdout  # each example prints an address
 
 
 def test_readme_testing_fixture_runs_under_pytest(etcd_binary: Path, tmp_path: Path) -> None:

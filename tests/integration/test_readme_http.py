@@ -3,6 +3,7 @@ against a real etcd: its requests reach the registered instances of "users"."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -29,7 +30,9 @@ async def test_http_client_example_reaches_the_registered_instances(etcd: Any) -
             for server in (one, two):
                 await registry.register("users", server.address, ttl=5)
             env = {**os.environ, "ETCDISCO_ENDPOINTS": etcd.endpoint}
-            run = subprocess.run(
+            # In a thread: the registrations' keepalives run on this loop meanwhile.
+            run = await asyncio.to_thread(
+                subprocess.run,
                 [sys.executable, str(EXAMPLE)],
                 env=env,
                 capture_output=True,

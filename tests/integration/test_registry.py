@@ -136,7 +136,7 @@ async def test_many_registrations_at_once_are_batched_and_healed_alone(
 
         # The keeper's key check after a keepalive must heal exactly the deleted key
         # and must not take the others for keys that a twin holds.
-        etcd.etcdctl("del", regs[500].key)
+        await asyncio.to_thread(etcd.etcdctl, "del", regs[500].key)  # the loop keeps the lease
 
         async def back() -> bool:
             got = await c.etcd.get(regs[500].key)
@@ -216,7 +216,7 @@ async def test_deregister_during_an_outage_still_removes_the_key(etcd, proxy) ->
     """Two registrations share a lease; one is deregistered while etcd is unreachable.
     The sibling keeps the lease alive, so the key would live on unless it is deleted
     once etcd answers again."""
-    ttl = 3
+    ttl = 6  # the outage (a 2 s deregister) stays well inside it: the lease is kept
     async with (
         AsyncClient(proxy.endpoint, timeout=1.0) as server,
         AsyncClient(etcd.endpoint) as observer,
