@@ -181,22 +181,25 @@ async def test_zone_aware_uses_other_zones_when_its_own_has_no_instance(
             assert {(await http.get("http://users/")).json()["server"] for _ in range(6)} == {"b"}
 
 
+class Recording(etcdisco.PowerOfTwoChoices):
+    """p2c that counts what it was told is in flight, per address."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: Counter[str] = Counter()
+
+    def started(self, instance: etcdisco.Instance) -> None:
+        super().started(instance)
+        self.open[instance.address] += 1
+
+    def finished(self, instance: etcdisco.Instance, latency: float, ok: bool) -> None:
+        super().finished(instance, latency, ok)
+        self.open[instance.address] -= 1
+
+
 async def test_p2c_counts_a_request_in_flight_until_its_response_is_closed(
     etcd: Any, servers: Servers
 ) -> None:
-    class Recording(etcdisco.PowerOfTwoChoices):
-        def __init__(self) -> None:
-            super().__init__()
-            self.open: Counter[str] = Counter()
-
-        def started(self, instance: etcdisco.Instance) -> None:
-            super().started(instance)
-            self.open[instance.address] += 1
-
-        def finished(self, instance: etcdisco.Instance, latency: float, ok: bool) -> None:
-            super().finished(instance, latency, ok)
-            self.open[instance.address] -= 1
-
     fleet = [servers("a"), servers("b")]
     picker = Recording()
     async with etcdisco.AsyncClient(etcd.endpoint) as registry:
@@ -568,6 +571,31 @@ def test_requests_adapter_spreads_and_leaves_other_hosts_alone(etcd: Any, server
             assert (other_reply["server"], other_reply["host"]) == ("other", other.address)
             assert in_flight(adapter.pools()) == 0
             assert [s.connections_total for s in fleet] == [1, 1, 1]
+
+
+def test_requests_p2c_counts_a_request_in_flight_until_its_response_is_closed(
+    etcd: Any, servers: Servers
+) -> None:
+    """The requests adapter with p2c: a streamed response not yet read is in flight
+    (for the pool and the picker) until it is closed, and new requests avoid it."""
+    fleet = [servers("a"), servers("b")]
+    picker = Recording()
+    with etcdisco.Client(etcd.endpoint) as registry:
+        for server in fleet:
+            registry.register("users", server.address, ttl=5)
+        with etcdisco.http.Session(registry, ["users"], picker) as session:
+            adapter = session.balancer
+            streamed = session.get("http://users/x", stream=True)  # the body not read
+            assert streamed.status_code == 200
+            busy = [p for p in adapter.pools() if p.in_flight]
+            assert len(busy) == 1 and picker.open[busy[0].address] == 1
+            # p2c sends the next requests to the idle instance.
+            idle = next(p.address for p in adapter.pools() if p.address != busy[0].address)
+            served = {session.get("http://users/x").json()["server"] for _ in range(5)}
+            assert served == {next(s.name for s in fleet if s.address == idle)}, served
+            streamed.close()
+            assert in_flight(adapter.pools()) == 0
+            assert set(picker.open.values()) == {0}
 
 
 async def test_requests_removed_instance_closes_after_its_last_response(
