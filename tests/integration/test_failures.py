@@ -51,8 +51,8 @@ async def test_crashed_instance_vanishes_after_its_ttl(etcd) -> None:
             proc.wait()
         # Removal comes from lease expiry: never before the remaining TTL could run out.
         # (Its last keepalive was at most about ttl/3 before the kill, later only on a
-    # starved machine.)
-    assert gone_after > 1.0, f"removed {gone_after:.2f}s after SIGKILL: too early for a TTL"
+        # starved machine.)
+        assert gone_after > 1.0, f"removed {gone_after:.2f}s after SIGKILL: too early for a TTL"
 
 
 async def test_sigterm_deregisters_at_once_and_exits_zero(etcd) -> None:
