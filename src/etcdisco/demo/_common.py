@@ -10,6 +10,7 @@ import contextlib
 import json
 import signal
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -58,6 +59,30 @@ def local_etcd_if_needed(endpoints: str, reachable: bool, clock: Clock) -> Itera
 
 
 STEP_TIMEOUT = 20.0  # for any one step (a start, a drain); a demo must never hang
+
+# A demo's body: (clock, etcd endpoint, log directory, the server processes it starts
+# (appended as they start), instances, ttl) -> the problems it saw.
+DemoBody = Callable[[Clock, str, Path, list["ServerProcess"], int, int], Awaitable[list[str]]]
+
+
+async def run_demo(body: DemoBody, endpoints: str, instances: int, ttl: int) -> None:
+    """Run ``body`` against ``endpoints`` (a local etcd when none answers there), stop
+    every server process it left running, and fail with the problems it saw."""
+    clock = Clock()
+    problems: Sequence[str] = ()
+    with (
+        local_etcd_if_needed(endpoints, await reachable(endpoints), clock) as endpoint,
+        tempfile.TemporaryDirectory(prefix="etcdisco-demo-") as logs,
+    ):
+        servers: list[ServerProcess] = []
+        try:
+            problems = await body(clock, endpoint, Path(logs), servers, instances, ttl)
+        finally:
+            # Only after a failure or an interrupt is anything still running here.
+            await asyncio.gather(*(s.stop() for s in servers))
+            clock.say("every server process has exited; demo done")
+    if problems:
+        raise click.ClickException("; ".join(problems))
 
 
 class Tally:

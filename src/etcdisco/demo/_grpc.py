@@ -19,8 +19,6 @@ import json
 import os
 import string
 import sys
-import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +35,8 @@ from ._common import (
     ServerProcess,
     Tally,
     calls_text,
-    local_etcd_if_needed,
-    reachable,
     rolling_restart,
+    run_demo,
     tail,
 )
 from .grpc_server import METHOD
@@ -257,18 +254,4 @@ async def _run(
 
 
 async def run_grpc_demo(endpoints: str, instances: int = 3, ttl: int = 3) -> None:
-    clock = Clock()
-    problems: Sequence[str] = ()
-    with (
-        local_etcd_if_needed(endpoints, await reachable(endpoints), clock) as endpoint,
-        tempfile.TemporaryDirectory(prefix="etcdisco-demo-") as logs,
-    ):
-        servers: list[ServerProcess] = []
-        try:
-            problems = await _run(clock, endpoint, Path(logs), servers, instances, ttl)
-        finally:
-            # Only after a failure or an interrupt is anything still running here.
-            await asyncio.gather(*(s.stop() for s in servers))
-            clock.say("every server process has exited; demo done")
-    if problems:
-        raise click.ClickException("; ".join(problems))
+    await run_demo(_run, endpoints, instances, ttl)

@@ -19,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import string
-import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -34,9 +32,8 @@ from ._common import (
     Clock,
     ServerProcess,
     Tally,
-    local_etcd_if_needed,
-    reachable,
     rolling_restart,
+    run_demo,
 )
 
 SERVICE = "hello"
@@ -190,18 +187,4 @@ async def _run(
 
 
 async def run_http_demo(endpoints: str, instances: int = 3, ttl: int = 3) -> None:
-    clock = Clock()
-    problems: Sequence[str] = ()
-    with (
-        local_etcd_if_needed(endpoints, await reachable(endpoints), clock) as endpoint,
-        tempfile.TemporaryDirectory(prefix="etcdisco-demo-") as logs,
-    ):
-        servers: list[ServerProcess] = []
-        try:
-            problems = await _run(clock, endpoint, Path(logs), servers, instances, ttl)
-        finally:
-            # Only after a failure or an interrupt is anything still running here.
-            await asyncio.gather(*(s.stop() for s in servers))
-            clock.say("every server process has exited; demo done")
-    if problems:
-        raise click.ClickException("; ".join(problems))
+    await run_demo(_run, endpoints, instances, ttl)
